@@ -1,0 +1,385 @@
+"""Run plumbing shared by both stages (and the backbone bootstrap): config, run folders, device and AMP, seeding,
+data loaders, AdamW with warm-up + cosine, the one training loop, atomic checkpoints and exact resume, progress lines,
+TensorBoard and torchrun. Nothing here knows about TPP; the two stage scripts hold the method."""
+import argparse
+import copy
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+REFERENCE_CONFIG = Path(__file__).with_name('config.yaml')   # documents, and gives a default for, every key
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config: the reference config.yaml is the schema; a user file and --set overrides may only change its keys
+
+def parse_args(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', default='config.yaml', help='YAML config (keys documented in config.yaml)')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override, e.g. pretrain.lr=1e-3')
+    p.add_argument('--resume', action='store_true', help='continue the run folder from its last checkpoint')
+    return p.parse_args()
+
+
+def _read_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'config file {path} does not exist')
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def _coerce(value, ref, where):
+    """Check a value against the reference value's type. YAML reads 1e-3 as a string, so numbers are accepted for
+    float keys; null is accepted everywhere (it means 'default' or 'off' for the keys that allow it)."""
+    if value is None or ref is None:
+        return value
+    if isinstance(ref, float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(ref, bool) == isinstance(value, bool) and isinstance(value, type(ref)):
+        return value
+    raise ConfigError(f'{where}: expected {type(ref).__name__} like {ref!r}, got {value!r}')
+
+
+def _merge(ref, new, source, prefix=''):
+    if not isinstance(new, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys")
+    out = copy.deepcopy(ref)
+    for key, value in new.items():
+        where = prefix + str(key)
+        if key not in ref:
+            raise ConfigError(f"{source}: unknown key '{where}' (keys here: {', '.join(ref)})")
+        if isinstance(ref[key], dict):
+            out[key] = _merge(ref[key], value, source, where + '.')
+        else:
+            out[key] = _coerce(value, ref[key], f'{source}: {where}')
+    return out
+
+
+def load_config(path, overrides=()):
+    """The effective config: the reference config.yaml, then the user's file, then each --set KEY=VALUE."""
+    cfg = _merge(_read_yaml(REFERENCE_CONFIG), _read_yaml(path), str(path))
+    for item in overrides:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ConfigError(f'--set {item}: expected KEY=VALUE, for example --set pretrain.lr=1e-3')
+        nested = yaml.safe_load(value)
+        for part in reversed(key.split('.')):
+            nested = {part: nested}
+        cfg = _merge(cfg, nested, f'--set {item}')
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A run: its folder, device, precision, process group, logging
+
+class Run:
+    """One training run: `<run.out_dir>/<name>`, the device and AMP dtype, the torchrun rank, log and TensorBoard."""
+
+    def __init__(self, cfg, name, resume=False):
+        self.cfg, self.resume = cfg, resume
+        self.rank, self.world, local_rank = _init_distributed()
+        self.device = _pick_device(cfg['run']['device'], local_rank)
+        self.amp = _pick_amp(cfg['run']['amp'], self.device)
+        self.dir = Path(cfg['run']['out_dir']) / name
+        self.checkpoint = self.dir / 'checkpoint.pth'
+        if self.main:
+            if resume and not self.checkpoint.is_file():
+                raise FileNotFoundError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
+            if not resume and self.dir.exists():
+                raise FileExistsError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
+                                      f'it, choose another name (--set <stage>.name=...), or delete it')
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.dir / 'config.yaml', 'w') as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
+        self.barrier()
+        seed_everything(cfg['run']['seed'] + self.rank)   # ranks differ in masking/dropout noise, not in data order
+        self.writer = None
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 writes
+            start = torch.load(self.checkpoint, weights_only=False)['step'] if resume else 0
+            self.writer = SummaryWriter(self.dir / 'tensorboard', purge_step=start)  # resume drops events after it
+        self.log(f'run folder {self.dir} | device {self.device} | amp {self.amp or "off"} | processes {self.world}')
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def log(self, msg):
+        if self.main:
+            print(msg, flush=True)
+            with open(self.dir / 'log.txt', 'a') as f:
+                f.write(msg + '\n')
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU. Plain runs skip it all."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
+
+
+def _pick_device(name, local_rank):
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda':
+        name = f'cuda:{local_rank}'
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f'run.device: {name} requested but CUDA is not available (use auto or cpu)')
+    device = torch.device(name)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def _pick_amp(amp, device):
+    if amp == 'auto':
+        if device.type != 'cuda':
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == 'fp16' and device.type != 'cuda':
+        raise ConfigError('run.amp: fp16 needs CUDA; on CPU use bf16 or off')
+    choices = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+    if amp not in choices:
+        raise ConfigError(f"run.amp: '{amp}' is not one of auto, off, bf16, fp16")
+    return choices[amp]
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2 ** 32          # torch seeds each worker from the loader's generator
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(run, dataset, batch_size, train):
+    """Training loaders shuffle from their own seeded generator (saved in checkpoints, so resume is exact) and drop
+    the last partial batch; under torchrun a DistributedSampler gives each rank its share."""
+    if train and len(dataset) < batch_size * run.world:
+        raise ValueError(f'only {len(dataset)} training images for a global batch of {batch_size * run.world}: '
+                         f'lower the batch_size or use more data')
+    sampler = None
+    if run.world > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=run.cfg['run']['seed'],
+                                                      drop_last=train)
+    generator = torch.Generator().manual_seed(run.cfg['run']['seed'])
+    workers = run.cfg['run']['workers']
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=run.device.type == 'cuda',
+        worker_init_fn=_seed_worker, generator=generator)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def gather(run, items):
+    """Concatenate per-rank lists on every rank (evaluation metrics are computed over all samples, as one process)."""
+    if run.world == 1:
+        return items
+    out = [None] * run.world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+def build_optimizer(model, lr, weight_decay, betas=(0.9, 0.999)):
+    """AdamW over the trainable parameters only; no weight decay on biases, norms and tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            skip = p.ndim < 2 or name.endswith(('cls_token', 'mask_token', 'pos_embed'))
+            (no_decay if skip else decay).append(p)
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)   # fused kernels on CPU and CUDA alike
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up to `peak`, then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def scaled_lr(run, ocfg):
+    """Config lrs are for one process's batch_size; torchrun multiplies the batch, so the lr scales linearly."""
+    return ocfg['lr'] * run.world
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def trainable_state(model):
+    """What a training checkpoint needs: trainable parameters and buffers. The frozen backbone is rebuilt from its
+    own checkpoint, so stage-1 checkpoints stay as small as the targets."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def load_trainable_state(model, sd):
+    """Load loosely, then check precisely (as MAE does): only frozen parameters may be missing."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    wrong = sorted(set(missing) - frozen) + sorted(unexpected)
+    if wrong:
+        raise KeyError(f'checkpoint does not fit the model: missing or unexpected {wrong[:6]}')
+
+
+def _rng_state(loader):
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+             'loader': loader.generator.get_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state, loader):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    loader.generator.set_state(state['loader'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop (bootstrap, stage 1 and stage 2 all use this one)
+
+def _fmt_time(seconds):
+    return time.strftime('%H:%M:%S', time.gmtime(max(0, seconds)))
+
+
+def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, tag='train'):
+    """Train the parameters of `model` that require grad. `loss_fn(model, batch) -> loss` (scalar tensor);
+    `evaluate(model) -> dict` with 'score' (higher is better) runs after every epoch and picks `best.pth`.
+    `ocfg` is the stage's config section: epochs, lr, weight_decay, warmup_epochs, clip_grad.
+    Saves `checkpoint.pth` every epoch (atomically) and, with --resume, continues from it exactly:
+    parameters, optimiser, grad scaler, schedule step, epoch, RNG states and the TensorBoard step."""
+    peak = scaled_lr(run, ocfg)
+    optimizer = build_optimizer(model, peak, ocfg['weight_decay'], betas)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    if run.world > 1:  # DDP over the trainable parameters only: frozen ones are neither reduced nor checked
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == 'cuda'
+                                                        else None)
+    epochs, per_epoch = ocfg['epochs'], len(loader)
+    total, warmup = epochs * per_epoch, ocfg['warmup_epochs'] * per_epoch
+    epoch0, step, best, history = 0, 0, -math.inf, []
+    if run.resume:
+        ckpt = torch.load(run.checkpoint, map_location=run.device, weights_only=False)
+        load_trainable_state(model, ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        _set_rng_state(ckpt['rng'], loader)
+        epoch0, step, best, history = ckpt['epoch'] + 1, ckpt['step'], ckpt['best'], ckpt['history']
+        run.log(f'{tag}: resumed from {run.checkpoint} at epoch {epoch0}, step {step}')
+    log_every = run.cfg['run']['log_every']
+    for epoch in range(epoch0, epochs):
+        if hasattr(loader.sampler, 'set_epoch'):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        epoch_loss = torch.zeros((), device=run.device)
+        loss_sum, n_loss, n_img, t0 = torch.zeros((), device=run.device), 0, 0, time.time()
+        for i, batch in enumerate(loader):
+            lr = lr_at(step, total, warmup, peak)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            batch = to_device(batch, run.device)
+            with run.autocast():
+                loss = loss_fn(net, batch)
+            scaler.scale(loss).backward()
+            if ocfg['clip_grad']:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, ocfg['clip_grad'])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float()
+            epoch_loss += loss.detach().float()
+            n_loss, n_img, step = n_loss + 1, n_img + len(batch['image']) * run.world, step + 1
+            if step % log_every == 0 or i == per_epoch - 1:   # the only host sync: at logging intervals
+                avg = loss_sum.item() / n_loss
+                if not math.isfinite(avg):
+                    raise NonFiniteLossError(
+                        f'{tag}: loss became {avg} in epoch {epoch + 1}, steps {step - n_loss + 1}-{step}; stopped. '
+                        f'The last good checkpoint is kept ({run.checkpoint}): lower the lr, clip gradients, '
+                        f'or use run.amp=bf16/off')
+                speed = n_img / (time.time() - t0)
+                eta = (total - step) * len(batch['image']) * run.world / speed
+                run.log(f'{tag} epoch {epoch + 1}/{epochs} step {step}/{total} loss {avg:.4f} lr {lr:.2e} '
+                        f'{speed:.0f} img/s eta {_fmt_time(eta)}')
+                if run.writer:
+                    run.writer.add_scalar(f'{tag}/loss', avg, step)
+                    run.writer.add_scalar(f'{tag}/lr', lr, step)
+                    run.writer.add_scalar(f'{tag}/images_per_s', speed, step)
+                loss_sum.zero_()
+                n_loss, n_img, t0 = 0, 0, time.time()
+        metrics = evaluate(model) if evaluate else {}
+        history.append({'epoch': epoch + 1, 'step': step, 'train_loss': epoch_loss.item() / per_epoch, **metrics})
+        if metrics:
+            run.log(f'{tag} epoch {epoch + 1} ' + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items()
+                                                            if isinstance(v, float)))
+            for k, v in metrics.items():
+                if run.writer and isinstance(v, float):
+                    run.writer.add_scalar(f'val/{k}', v, step)
+        if run.main:
+            if metrics and metrics['score'] > best:
+                best = metrics['score']
+                atomic_save({'model': trainable_state(model), 'epoch': epoch + 1, 'metrics': metrics},
+                            run.dir / 'best.pth')
+            atomic_save({'model': trainable_state(model), 'optimizer': optimizer.state_dict(),
+                         'scaler': scaler.state_dict(), 'rng': _rng_state(loader), 'epoch': epoch, 'step': step,
+                         'best': best, 'history': history}, run.checkpoint)
+    return {'steps': step, 'best': best, 'history': history}

@@ -1,0 +1,245 @@
+"""Stage 2 of TPP: PEFT fine-tuning from the pre-trained targets.
+
+    python finetune.py --config config.yaml [--set finetune.init=random] [--resume]
+
+finetune.init:
+  tpp     the same backbone and PEFT modules as stage 1, the targets loaded from its targets.pth (TPP)
+  random  the same PEFT modules from their usual initialisation (plain PEFT, the baseline TPP improves on)
+  full    every backbone parameter fine-tuned (reference)
+  linear  frozen backbone, only the task head trained (reference)
+The task head (classification or segmentation) always trains. Validation picks the best epoch; the test split is
+evaluated once, with it. Results: <run folder>/metrics.json, TensorBoard, best.pth and the inference model model.pth.
+"""
+import json
+import time
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+import data
+import engine
+import lora
+import models
+from pretrain_targets import pretrained_backbone
+
+INITS = ('tpp', 'random', 'full', 'linear')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses and metrics
+
+def seg_loss(logits, mask):
+    """Cross-entropy plus soft Dice over the foreground classes: Dice keeps small lesions from being ignored."""
+    probs = logits.float().softmax(1)[:, 1:]                                      # (B, K-1, H, W)
+    onehot = F.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    inter, union = (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
+    return F.cross_entropy(logits.float(), mask) + (1 - (2 * inter + 1) / (union + 1)).mean()
+
+
+def dice_per_class(pred, gt, num_classes):
+    """Dice of each foreground class in one volume. Convention: a class absent from both prediction and ground
+    truth is NaN (left out of the averages); absent from the ground truth but predicted scores 0."""
+    out = []
+    for c in range(1, num_classes):
+        p, g = pred == c, gt == c
+        denom = p.sum() + g.sum()
+        out.append(float('nan') if denom == 0 else 2.0 * (p & g).sum() / denom)
+    return out
+
+
+def auc_ovr(probs, labels):
+    """Macro one-vs-rest ROC AUC (Mann-Whitney U with tied ranks averaged), over classes with both outcomes."""
+    aucs = []
+    for c in range(probs.shape[1]):
+        pos = labels == c
+        if pos.all() or not pos.any():
+            continue
+        order = probs[:, c].argsort()
+        ranks = np.empty(len(order))
+        ranks[order] = np.arange(1, len(order) + 1)
+        for value in np.unique(probs[:, c]):                                      # average ranks of ties
+            tie = probs[:, c] == value
+            ranks[tie] = ranks[tie].mean()
+        n_pos, n_neg = pos.sum(), (~pos).sum()
+        aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else float('nan')
+
+
+def classification_metrics(probs, labels, num_classes):
+    pred = probs.argmax(1)
+    f1 = []
+    for c in range(num_classes):
+        tp, fp, fn = ((pred == c) & (labels == c)).sum(), ((pred == c) & (labels != c)).sum(), ((pred != c) & (labels == c)).sum()
+        f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    auc = auc_ovr(probs, labels)
+    acc = float((pred == labels).mean())
+    return {'score': auc if np.isfinite(auc) else acc, 'accuracy': acc, 'macro_f1': float(np.mean(f1)), 'auc': auc,
+            'majority_floor': float(np.bincount(labels, minlength=num_classes).max() / len(labels))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation, per case: slices are reassembled into volumes (Dice in 3D) or their class probabilities averaged
+
+@torch.no_grad()
+def predict(run, model, loader, task):
+    """{case: {slice: prediction}} over the whole split (all ranks gathered; DistributedSampler padding removed)."""
+    model.eval()
+    items = []
+    for batch in loader:
+        with run.autocast():
+            logits = model(batch['image'].to(run.device, non_blocking=True)).float()
+        out = logits.softmax(1) if task == 'classification' else logits.argmax(1).to(torch.uint8)
+        items += zip(batch['case'].tolist(), batch['slice'].tolist(), out.cpu().numpy())
+    cases = {}
+    for case, index, value in engine.gather(run, items):
+        cases.setdefault(case, {})[index] = value
+    return cases
+
+
+def evaluate(run, model, loader, task, num_classes):
+    dataset = loader.dataset
+    preds = predict(run, model, loader, task)
+    if task == 'classification':
+        probs = np.stack([np.mean(list(slices.values()), 0) for slices in preds.values()])   # (cases, K)
+        labels = np.array([dataset.cases[c].label for c in preds])
+        return classification_metrics(probs, labels, num_classes)
+    truth = volumes(dataset)
+    dice = np.array([dice_per_class(np.stack([preds[c][i] for i in sorted(preds[c])]), truth[c], num_classes)
+                     for c in preds])                                                       # (cases, K-1)
+    per_class = np.nanmean(dice, 0) if len(dice) else np.full(num_classes - 1, np.nan)
+    mean = float(np.nanmean(per_class))
+    return {'score': mean, 'dice_mean': mean, **{f'dice_{c + 1}': float(d) for c, d in enumerate(per_class)}}
+
+
+def volumes(dataset):
+    """Ground-truth masks at model resolution, reassembled per case: {case: (S, H, W)}. Cached on the dataset."""
+    if not hasattr(dataset, '_volumes'):
+        slices = {}
+        for i in range(len(dataset)):
+            item = dataset[i]
+            slices.setdefault(item['case'], {})[item['slice']] = item['mask'].numpy()
+        dataset._volumes = {c: np.stack([s[i] for i in sorted(s)]) for c, s in slices.items()}
+    return dataset._volumes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def build_model(cfg, run, num_classes, init):
+    """Backbone (+ targets) + task head, with exactly the parameters of this init method trainable."""
+    backbone_path = pretrained_backbone(cfg)
+    backbone = models.build_backbone(cfg)
+    run.log(models.load_checkpoint(backbone, backbone_path))
+    fingerprint = lora.backbone_fingerprint(backbone)
+    if init in ('tpp', 'random'):
+        lora.inject(backbone, cfg['peft'])                         # the same target modules as stage 1
+    if init == 'tpp':                                              # --- TPP: start from the pre-trained targets
+        path = cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
+        expected = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(cfg['peft']),
+                    'backbone': fingerprint}
+        try:
+            meta = lora.load_targets(path, backbone, expected)
+        except FileNotFoundError:
+            raise FileNotFoundError(f'finetune.targets: {path} does not exist: run pretrain_targets.py first '
+                                    f'(or set finetune.init=random for plain PEFT)') from None
+        run.log(f"targets: loaded {path} (pre-trained for {meta['steps']} steps, pretext {meta['pretext']})")
+    model = models.TaskModel(backbone, models.build_head(cfg, num_classes)).to(run.device)
+    extra = model.parameters() if init == 'full' else model.head.parameters()
+    counts = lora.mark_trainable(model, extra=list(extra))
+    run.log(f"parameters ({init}): total {counts['total']:,} | trainable {counts['trainable']:,} "
+            f"({100 * counts['trainable'] / counts['total']:.2f}%) | targets {counts['targets']:,}")
+    return model, counts
+
+
+def save_inference_model(run, model, cfg, num_classes):
+    """model.pth: the fine-tuned model for inference. With finetune.merge_lora the LoRA updates are folded into the
+    backbone weights and the LoRA factors dropped, so it loads into a plain ViT (adapters, if any, stay)."""
+    merged = cfg['finetune']['merge_lora'] and any(isinstance(m, lora.LoRALinear) for m in model.modules())
+    if merged:
+        lora.merge(model)
+    sd = {k: v for k, v in model.state_dict().items() if not (merged and '.lora.' in k)}
+    engine.atomic_save({'model': sd, 'arch': models.vit_kwargs(cfg['model']), 'task': cfg['finetune']['task'],
+                        'num_classes': num_classes, 'lora_merged': merged, 'config': cfg}, run.dir / 'model.pth')
+
+
+def save_predictions(run, model, loader, dcfg, axis):
+    """Predicted test masks as NIfTI (each case's canonical affine, resized back to its grid) and a PNG overlay."""
+    out = run.dir / 'predictions'
+    out.mkdir(exist_ok=True)
+    preds, dataset = predict(run, model, loader, 'segmentation'), loader.dataset
+    for c, slices in preds.items():
+        case = dataset.cases[c]
+        vol = torch.from_numpy(np.stack([slices[i] for i in sorted(slices)]))            # (S, h, w) model grid
+        if data.is_volume(case.image):
+            ref = nib.as_closest_canonical(nib.load(case.image))
+            plane = [n for i, n in enumerate(ref.shape[:3]) if i != axis]
+            vol = F.interpolate(vol[None, None].float(), size=(vol.shape[0], *plane), mode='nearest')[0, 0]
+            vol = np.moveaxis(vol.to(torch.uint8).numpy(), 0, axis)
+            nib.save(nib.Nifti1Image(vol, ref.affine), out / f'{case.id}_pred.nii.gz')
+    first = next(iter(preds))
+    idx = [i for i in range(len(dataset)) if dataset.sample_index(i)[0] == first]          # slices of the first case
+    mid = dataset[idx[len(idx) // 2]]
+    img = (mid['image'][:1] * dcfg['std'][0] + dcfg['mean'][0]).clamp(0, 1)
+    pred = torch.from_numpy(preds[first][mid['slice']]).float()[None]
+    overlay = torch.cat([img, img * (pred == 0) + pred / pred.max().clamp(min=1), img])      # red = predicted classes
+    save_image(torch.stack([img.expand(3, -1, -1), overlay]), out / 'overlay.png')
+
+
+def main(args):
+    cfg = engine.load_config(args.config, args.set)
+    fcfg, dcfg = cfg['finetune'], cfg['data']
+    task, init = fcfg['task'], fcfg['init']
+    if init not in INITS:
+        raise engine.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
+    if task not in ('classification', 'segmentation'):
+        raise engine.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
+    pretrained_backbone(cfg)                                        # bootstrap (once) before the run folder exists
+    run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume)
+    start = time.time()
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])
+    num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
+    if not num_classes:
+        raise engine.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
+                                 f"{'labels' if task == 'classification' else 'masks'}")
+    splits = data.split_cases(cases, dcfg)
+    size, chans = cfg['model']['img_size'], cfg['model']['in_chans']
+    sets = {s: data.SliceDataset(splits[s], dcfg, size, chans, task=task, train=s == 'labelled')
+            for s in ('labelled', 'val', 'test')}
+    run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
+            f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
+    model, counts = build_model(cfg, run, num_classes, init)
+
+    loader = engine.make_loader(run, sets['labelled'], fcfg['batch_size'], train=True)
+    val_loader, test_loader = (engine.make_loader(run, sets[s], fcfg['batch_size'], train=False) for s in ('val', 'test'))
+    if task == 'classification':
+        loss_fn = lambda net, batch: F.cross_entropy(net(batch['image']).float(), batch['label'])
+    else:
+        loss_fn = lambda net, batch: seg_loss(net(batch['image']), batch['mask'])
+    result = engine.train(run, model, loader, loss_fn, fcfg, tag='finetune',
+                          evaluate=lambda m: evaluate(run, m, val_loader, task, num_classes))
+
+    best = torch.load(run.dir / 'best.pth', map_location=run.device, weights_only=False)
+    engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
+    test = evaluate(run, model, test_loader, task, num_classes)
+    if run.main:
+        metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
+                   'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
+                   'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed']}
+        with open(run.dir / 'metrics.json', 'w') as f:
+            json.dump(metrics, f, indent=1)
+        for k, v in test.items():
+            run.writer.add_scalar(f'test/{k}', v, result['steps'])
+        if fcfg['save_predictions'] and task == 'segmentation':
+            save_predictions(run, model, test_loader, dcfg, dcfg['axis'])
+        save_inference_model(run, model, cfg, num_classes)
+        shown = {k: round(v, 4) for k, v in test.items() if k != 'score'}
+        run.log(f'test (best epoch {best["epoch"]}): {shown}\nresults: {run.dir}/metrics.json | model: '
+                f'{run.dir}/model.pth | TensorBoard: {run.dir}/tensorboard')
+    run.close()
+    return run.dir
+
+
+if __name__ == '__main__':
+    main(engine.parse_args(__doc__))

@@ -1,0 +1,294 @@
+"""The target parameters: PEFT modules written by hand, and the few functions that decide what trains and what is saved.
+
+TPP pre-trains exactly these parameters (stage 1) and fine-tunes them from there (stage 2). Every target lives in a
+module that subclasses `Target`; that one rule (by module type, never by a name substring) decides freezing, saving
+and loading, so a task head or a `*bias*` name can never be caught by mistake.
+
+    inject(vit, cfg['peft'])              # insert LoRA / adapters into the encoder blocks only
+    mark_trainable(vit, extra=head)       # backbone requires_grad=False, targets (and the head) True
+    target_state_dict(vit)                # only the targets: the file stage 1 writes, a tiny fraction of the backbone
+    load_target_state_dict(vit, sd)       # strict: a missing, unexpected or mis-shaped target is an error
+"""
+import fnmatch
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import is_decoder_key
+
+
+class Target(nn.Module):
+    """Marker base class: every parameter owned by a Target module is a target parameter (the only rule)."""
+
+
+class TargetMismatchError(ValueError):
+    """Saved targets do not fit this model (keys, shapes or the recorded backbone / PEFT settings)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+class LoRA(Target):
+    """Low-rank update of a linear layer: delta(x) = (alpha / r) * B(A(dropout(x))).
+
+    `slices` chooses the output rows to adapt, each slice with its own rank-r pair (A_i, B_i), as the LoRA paper adapts
+    W_q and W_v separately inside a fused qkv; None adapts all rows with one pair. A is Kaiming-uniform and B is zero,
+    so an injected model starts exactly equal to the backbone.
+    """
+
+    def __init__(self, in_features, out_features, r, alpha, dropout=0.0, slices=None):
+        super().__init__()
+        slices = slices or [(0, out_features)]
+        widths = {stop - start for start, stop in slices}
+        assert len(widths) == 1, f'LoRA slices must have equal widths, got {slices}'
+        self.r, self.groups, self.width, self.out_features = r, len(slices), widths.pop(), out_features
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.A = nn.Parameter(torch.empty(self.groups * r, in_features))     # (g*r, in)
+        self.B = nn.Parameter(torch.zeros(self.groups * self.width, r))       # (g*d, r): zero, so delta starts at 0
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))                      # as nn.Linear and loralib
+        rows = torch.cat([torch.arange(start, stop) for start, stop in slices])
+        self.register_buffer('rows', None if len(rows) == out_features else rows, persistent=False)
+
+    def delta_weight(self):
+        """The update as a dense (out, in) matrix, for merging: scaling * B_i A_i placed on each slice's rows."""
+        A = self.A.view(self.groups, self.r, -1)                               # (g, r, in)
+        B = self.B.view(self.groups, self.width, self.r)                       # (g, d, r)
+        dW = (B @ A).flatten(0, 1) * self.scaling                              # (g*d, in)
+        if self.rows is None:
+            return dW
+        return torch.zeros(self.out_features, dW.shape[1], dtype=dW.dtype, device=dW.device).index_copy_(0, self.rows, dW)
+
+    def forward(self, x, y):
+        """Add the update to the base layer's output y (..., out) computed from input x (..., in)."""
+        a = self.dropout(x) @ self.A.t()                                       # (..., g*r)
+        if self.groups == 1:
+            delta = a @ self.B.t()                                             # (..., d)
+        else:                                                                  # one rank-r pair per slice
+            a = a.unflatten(-1, (self.groups, self.r))                         # (..., g, r)
+            delta = torch.einsum('...gr,gdr->...gd', a, self.B.view(self.groups, self.width, self.r)).flatten(-2)
+        delta = delta * self.scaling
+        return y + delta if self.rows is None else y.index_add(-1, self.rows, delta.to(y.dtype))
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear with a LoRA child. It keeps the base layer's `weight` and `bias` (the same tensors), so
+    `blocks.3.attn.qkv.weight` keeps its name and backbone checkpoints load before or after injection;
+    the targets are `blocks.3.attn.qkv.lora.A` and `.lora.B`."""
+
+    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, slices=None):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
+        self.weight, self.bias = base.weight, base.bias                       # share, do not copy, the backbone
+        self.lora = LoRA(base.in_features, base.out_features, r, alpha, dropout, slices).to(base.weight.device)
+        self.merged = False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.merged else self.lora(x, y)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into `weight` for inference: same outputs, no extra cost."""
+        if not self.merged:
+            self.weight += self.lora.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.lora.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Adapters
+
+class Adapter(Target):
+    """Bottleneck adapter, called by models.Block as adapter(h, y) -> y' where h is a sub-layer's input, y its output.
+
+    parallel   (AdaptFormer): y + s * up(relu(down(h)))    beside the MLP, reading the MLP's input
+    sequential (Houlsby):     y + s * up(relu(down(y)))    after attention and after the MLP
+    `up` is zero-initialised, so an injected model starts exactly equal to the backbone.
+    """
+
+    def __init__(self, dim, bottleneck, scale, kind):
+        super().__init__()
+        assert kind in ('parallel', 'sequential'), kind
+        self.kind, self.scale = kind, scale
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h, y):                                                   # (B, N, D), (B, N, D)
+        src = h if self.kind == 'parallel' else y
+        return y + self.scale * self.up(F.relu(self.down(src)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Insert the targets
+
+def _lora_slices(name, layer, qv_only):
+    if not qv_only or not name.endswith('qkv'):
+        return None
+    d = layer.out_features // 3
+    return [(0, d), (2 * d, 3 * d)]                                            # q and v; k stays untouched
+
+
+def inject(model, peft):
+    """Insert the configured targets (the `peft:` config section) into `model.blocks`, the encoder, and nowhere else:
+    the MAE decoder has `attn.qkv` layers too and must never receive targets. Returns the number of modules added."""
+    lora, adapter = peft['lora'], peft['adapter']
+    added = 0
+    if lora['r'] > 0:
+        linears = {f'blocks.{name}': m for name, m in model.blocks.named_modules() if type(m) is nn.Linear}
+        for pattern in lora['layers']:
+            matched = [n for n in linears if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(n, '*.' + pattern)]
+            if not matched:
+                kinds = sorted({n.split('.', 2)[2] for n in linears})
+                raise ValueError(f"peft.lora.layers: '{pattern}' matches no linear layer of the encoder blocks; "
+                                 f"they are {', '.join(kinds)} (in blocks.0-{len(model.blocks) - 1})")
+            for name in matched:
+                parent, attr = name.rsplit('.', 1)
+                layer = linears.pop(name)
+                slices = _lora_slices(name, layer, lora['qv_only'])
+                model.get_submodule(parent).register_module(
+                    attr, LoRALinear(layer, lora['r'], lora['alpha'], lora['dropout'], slices))
+                added += 1
+    if adapter['kind'] != 'none':
+        if adapter['kind'] not in ('parallel', 'sequential'):
+            raise ValueError(f"peft.adapter.kind: '{adapter['kind']}' is not one of none, parallel, sequential")
+        for blk in model.blocks:
+            dim = blk.norm1.normalized_shape[0]
+            make = lambda: Adapter(dim, adapter['dim'], adapter['scale'], adapter['kind']).to(blk.norm1.weight.device)
+            if adapter['kind'] == 'sequential':
+                blk.adapter_attn = make()
+                added += 1
+            blk.adapter_mlp = make()
+            added += 1
+    return added
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Freeze, filter, save, load
+
+def target_parameters(model):
+    """(name, parameter) for every target parameter of `model`: those owned by an injected Target module."""
+    for mod_name, module in model.named_modules():
+        if isinstance(module, Target):
+            yield from module.named_parameters(prefix=mod_name)
+
+
+def mark_trainable(model, extra=()):
+    """Set requires_grad on every parameter, explicitly: targets and `extra` (a task head, the pretext decoder) train,
+    everything else (the backbone) is frozen. TPP's first rule: the backbone never changes. Returns the counts."""
+    train = {id(p) for _, p in target_parameters(model)} | {id(p) for p in extra}
+    for p in model.parameters():
+        p.requires_grad = id(p) in train
+    return param_counts(model)
+
+
+def param_counts(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    targets = sum(p.numel() for _, p in target_parameters(model))
+    return {'total': total, 'trainable': trainable, 'targets': targets, 'targets_pct': 100.0 * targets / total}
+
+
+def target_state_dict(model):
+    """Only the target parameters, detached copies: what stage 1 saves and stage 2 loads."""
+    return {name: p.detach().clone() for name, p in target_parameters(model)}
+
+
+def _summary(keys):
+    """'lora on attn.qkv x6, adapter_mlp x6': which module kinds a set of target keys covers."""
+    kinds = {}
+    for k in keys:
+        parts = k.split('.')
+        kind = ('lora on ' + '.'.join(parts[2:-2])) if parts[-2] == 'lora' else parts[2]
+        kinds.setdefault(kind, set()).add(parts[1])
+    return ', '.join(f'{kind} x{len(blocks)}' for kind, blocks in sorted(kinds.items())) or 'nothing'
+
+
+def _shape_cause(key, saved, wanted):
+    if key.endswith('lora.A') and saved[1:] == wanted[1:]:
+        return 'the LoRA rank differs (peft.lora.r, or peft.lora.qv_only)'
+    if key.endswith('lora.B') and saved[1:] != wanted[1:]:
+        return f'saved with rank {saved[1]}, config has rank {wanted[1]} (peft.lora.r)'
+    if key.endswith('down.weight') and saved[1:] == wanted[1:]:
+        return f'saved with adapter dim {saved[0]}, config has {wanted[0]} (peft.adapter.dim)'
+    return 'the backbone width differs (model.*)'
+
+
+def load_target_state_dict(model, sd):
+    """Load targets strictly (a missing, unexpected or mis-shaped key is an error naming it and the likely cause) and
+    make them trainable: stage 2 fine-tunes them from here."""
+    params = dict(target_parameters(model))
+    missing, unexpected = sorted(params.keys() - sd.keys()), sorted(sd.keys() - params.keys())
+    if missing or unexpected:
+        raise TargetMismatchError(
+            f'saved targets ({_summary(sd)}) do not match this model\'s ({_summary(params)}): '
+            f'missing {missing[:4]}{" ..." if len(missing) > 4 else ""}, '
+            f'unexpected {unexpected[:4]}{" ..." if len(unexpected) > 4 else ""} (peft.lora.layers / peft.adapter.kind)')
+    for name, p in params.items():
+        if sd[name].shape != p.shape:
+            saved, wanted = tuple(sd[name].shape), tuple(p.shape)
+            raise TargetMismatchError(f'target {name}: saved shape {saved}, model shape {wanted}: '
+                                      f'{_shape_cause(name, saved, wanted)}')
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(sd[name])
+            p.requires_grad = True
+
+
+def backbone_fingerprint(model):
+    """A short hash of the backbone weights (encoder parameters that are not targets), stored with the targets so
+    stage 2 can check it fine-tunes them on the very backbone they were pre-trained on."""
+    targets = {name for name, _ in target_parameters(model)}
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if name not in targets and not is_decoder_key(name):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def merge(model):
+    """Fold every LoRA update into its base weight (inference); adapters are non-linear and stay as they are."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.merge()
+
+
+def unmerge(model):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.unmerge()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The targets file: the targets plus what they were pre-trained for
+
+def structure(peft):
+    """The PEFT settings that define the targets' shapes and function (dropout only regularises training)."""
+    return {'lora': {k: v for k, v in peft['lora'].items() if k != 'dropout'}, 'adapter': dict(peft['adapter'])}
+
+
+def check_meta(saved, expected, path):
+    """Compare a targets file's metadata with this run; a difference is an error that says which setting differs."""
+    for key, what in (('arch', 'model.*'), ('peft', 'peft.*'), ('backbone', 'backbone.checkpoint')):
+        if saved.get(key) != expected[key]:
+            raise TargetMismatchError(
+                f'{path}: the targets were pre-trained with {key} {saved.get(key)}, this run has {expected[key]} '
+                f'({what}): pre-train them again with the same settings, or set finetune.init=random')
+
+
+def load_targets(path, model, expected):
+    """Stage 2's side of TPP: check a targets file against this run, then load its targets into `model`."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    check_meta(ckpt['meta'], expected, path)
+    load_target_state_dict(model, ckpt['targets'])
+    return ckpt['meta']

@@ -1,0 +1,379 @@
+"""data.py: synthetic generators, layout readers, validation errors, intensities, slicing, splits, augmentation."""
+import copy
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import data
+from data import Case, DataError
+
+CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / 'config.yaml').read_text())
+
+
+@pytest.fixture
+def dcfg():
+    return copy.deepcopy(CONFIG['data'])
+
+
+def save_nifti(path, arr, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def save_png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr, np.uint8)).save(path)
+    return path
+
+
+def write_csv(path, rows):
+    with open(path, 'w', newline='') as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def msd_tree(root, n=3, shape=(8, 8, 4)):
+    """n cases with a bright cube labelled 1, plus a dataset.json with two labels."""
+    for i in range(n):
+        img = np.zeros(shape, np.int16)
+        img[2:6, 2:6, 1:3] = 100
+        save_nifti(root / 'imagesTr' / f'c{i}.nii.gz', img)
+        save_nifti(root / 'labelsTr' / f'c{i}.nii.gz', (img > 0).astype(np.uint8))
+    (root / 'dataset.json').write_text(json.dumps({'labels': {'0': 'background', '1': 'organ'}}))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- generators
+
+def test_synthetic_ct_is_deterministic_and_readable(tmp_path):
+    shape, spacing = (24, 20, 6), (14.4, 14.4, 20.0)  # a full-size abdomen on a coarse grid
+    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+        data.write_synthetic_ct(tmp_path / name, n_cases=2, shape=shape, spacing=spacing, seed=seed)
+    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*.nii.gz'))
+    assert [str(p) for p in files] == ['imagesTr/ct_000.nii.gz', 'imagesTr/ct_001.nii.gz',
+                                       'labelsTr/ct_000.nii.gz', 'labelsTr/ct_001.nii.gz']
+    read = {n: [np.asarray(nib.load(tmp_path / n / p).dataobj) for p in files] for n in 'abc'}
+    assert all(np.array_equal(x, y) for x, y in zip(read['a'], read['b']))
+    assert not np.array_equal(read['a'][0], read['c'][0])
+    image, mask = nib.load(tmp_path / 'a' / files[0]), nib.load(tmp_path / 'a' / files[2])
+    assert image.shape == mask.shape == shape and image.get_data_dtype() == np.int16
+    assert np.allclose(image.header.get_zooms(), spacing)
+    assert nib.aff2axcodes(image.affine) == ('L', 'P', 'S')  # stored like DICOM, read back as RAS
+    assert np.allclose(image.affine, mask.affine)
+    hu = read['a'][0]
+    assert hu.min() >= -1024 and hu.max() > 300  # air and bone
+    assert set(np.unique(read['a'][2])) <= {0, 1, 2} and 1 in read['a'][2]
+    rows = list(csv.reader(open(tmp_path / 'a' / 'manifest.csv')))
+    assert rows == [['image', 'mask', 'label'], ['imagesTr/ct_000.nii.gz', 'labelsTr/ct_000.nii.gz', 'cyst'],
+                    ['imagesTr/ct_001.nii.gz', 'labelsTr/ct_001.nii.gz', 'metastasis']]
+    labels = json.loads((tmp_path / 'a' / 'dataset.json').read_text())['labels']
+    assert labels == {'0': 'background', '1': 'liver', '2': 'lesion'}
+    # canonical reading undoes the L/P storage: RAS affine with positive spacing, array flipped in x and y
+    arr, affine = data.load(tmp_path / 'a' / files[0])
+    assert np.allclose(np.diag(affine)[:3], spacing) and nib.aff2axcodes(affine) == ('R', 'A', 'S')
+    assert np.array_equal(arr, hu[::-1, ::-1])
+
+
+def test_synthetic_us_is_deterministic_and_readable(tmp_path):
+    for name in 'ab':
+        data.write_synthetic_us(tmp_path / name, n_per_class=2, size=32, seed=1)
+    for cls in data.US_CLASSES:
+        for i in range(2):
+            a = [np.array(Image.open(tmp_path / 'a' / cls / f'{cls}_{i:03d}{s}.png')) for s in ('', '_mask')]
+            b = [np.array(Image.open(tmp_path / 'b' / cls / f'{cls}_{i:03d}{s}.png')) for s in ('', '_mask')]
+            assert all(np.array_equal(x, y) for x, y in zip(a, b))
+            assert a[0].shape == a[1].shape == (32, 32) and a[0].dtype == np.uint8
+            assert set(np.unique(a[1])) <= {0, 255}
+            assert (a[1].max() == 0) == (cls == 'normal')  # lesions in benign/malignant only
+
+
+def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatch):
+    monkeypatch.setattr(data, 'SYNTH_CT', dict(n_cases=4, shape=(24, 24, 6), spacing=(14.4, 14.4, 20.0)))
+    cases, info = data.prepare(dcfg, tmp_path)
+    assert len(cases) == 4 and all(c.mask and c.label is not None for c in cases)
+    assert info['num_classes_seg'] == 3 and info['num_classes_cls'] == 2 and info['is_volume']
+    assert info['class_names'] == data.CT_CLASSES and info['label_names'] == data.CT_KINDS
+    (folder,) = list(tmp_path.iterdir())  # no temporary folder left beside it
+    assert folder.name == 'synthetic_ct-v1-seed0-n_cases4-shape24x24x6-spacing14.4x14.4x20.0'
+    stamp = (folder / 'manifest.csv').stat().st_mtime_ns
+    data.prepare(dcfg, tmp_path)
+    assert (folder / 'manifest.csv').stat().st_mtime_ns == stamp  # reused, not regenerated
+
+    monkeypatch.setattr(data, 'SYNTH_US', dict(n_per_class=2, size=32))
+    dcfg.update(layout='synthetic_us', intensity='percentile')
+    cases, info = data.prepare(dcfg, tmp_path)
+    assert len(cases) == 6 and info['label_names'] == data.US_CLASSES and info['num_classes_seg'] == 2
+    assert not info['is_volume']
+
+
+def test_upstream_dataset(tmp_path, dcfg):
+    ds = data.upstream_dataset(dcfg, tmp_path, n=3, img_size=16, in_chans=3, seed=0)
+    assert len(ds) == 3 and len(list(next(tmp_path.iterdir()).glob('*.png'))) == 3
+    x = ds[0]['image']
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.equal(x[0], x[1])  # grey repeated to the channels a 3-channel backbone wants
+    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
+    assert x.min() >= lo and x.max() <= hi and x.std() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------- intensities
+
+def test_window_percentile_none_and_normalize(dcfg):
+    hu = np.array([-1000, -160, 40, 240, 1000], np.int16)
+    lo, hi = data.intensity_range(hu, dcfg)  # window [-160, 240]
+    assert data.to_unit(torch.tensor(hu, dtype=torch.float32), lo, hi).tolist() == [0, 0, 0.5, 1, 1]
+    ramp = np.arange(1001, dtype=np.float32)
+    lo, hi = data.intensity_range(ramp, dict(dcfg, intensity='percentile', percentile=[0.5, 99.5]))
+    assert (lo, hi) == (5.0, 995.0)
+    assert data.to_unit(torch.tensor([0.0, 5.0, 500.0, 995.0, 1000.0]), lo, hi).tolist() == [0, 0, 0.5, 1, 1]
+    assert data.intensity_range(np.zeros(3, np.uint8), dict(dcfg, intensity='none')) == (0.0, 255.0)
+    assert data.intensity_range(np.zeros(3, np.uint16), dict(dcfg, intensity='none')) == (0.0, 65535.0)
+    assert data.intensity_range(np.zeros(3, np.float32), dict(dcfg, intensity='none')) == (0.0, 1.0)
+    x = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 3).expand(3, 1, 3)
+    out = data.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert torch.allclose(out[2, 0], (torch.tensor([0.0, 0.5, 1.0]) - 0.406) / 0.225)
+    assert data.normalize(x[:1], [0.5], [0.25]).flatten().tolist() == [-2, 0, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- slicing
+
+def test_slicing_along_each_axis_after_canonical(tmp_path, dcfg):
+    i, j, k = np.meshgrid(np.arange(6), np.arange(6), np.arange(6), indexing='ij')
+    canonical = (100 * i + 10 * j + k).astype(np.int16)  # value encodes the RAS voxel index
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps[:2, 3] = 5
+    path = save_nifti(tmp_path / 'v.nii.gz', canonical[::-1, ::-1], lps)  # stored flipped in x and y
+    case = Case('v', path, None, None)
+    assert np.allclose(data.case_affine(case), np.eye(4))
+    dcfg.update(window=[0, 1000], mean=[0.0], std=[1.0])
+    for axis in (0, 1, 2):
+        ds = data.SliceDataset([case], dict(dcfg, axis=axis), img_size=6, in_chans=1, task=None, train=False)
+        assert len(ds) == 6 and [ds[s]['slice'] for s in range(6)] == list(range(6))
+        for s in (0, 4):
+            expected = np.take(canonical, s, axis=axis) / 1000
+            assert np.allclose(ds[s]['image'][0].numpy(), expected, atol=1e-6)
+            assert np.array_equal(data.take_slice(canonical, axis, s), np.take(canonical, s, axis=axis))
+
+
+def test_slice_dataset_items_order_and_skip_empty(tmp_path, dcfg):
+    vol = np.full((16, 12, 5), -1000, np.int16)
+    vol[2:14, 2:10, 1:4] = 50  # body on slices 1..3 only
+    mask = (vol > 0).astype(np.uint8)
+    cases = [Case(f'c{n}', save_nifti(tmp_path / f'c{n}.nii.gz', vol), save_nifti(tmp_path / f'm{n}.nii.gz', mask),
+                  n % 2) for n in range(2)]
+    stage1 = data.SliceDataset(cases, dcfg, 8, 1, None, train=True)
+    assert len(stage1) == 6 and stage1.skipped == 4 and stage1.num_classes is None
+    seg = data.SliceDataset(cases, dcfg, 8, 3, 'segmentation', train=False)
+    assert [(seg[n]['case'], seg[n]['slice']) for n in range(len(seg))] == [(c, s) for c in (0, 1) for s in range(5)]
+    assert [seg.sample_index(n) for n in range(len(seg))] == [(c, s) for c in (0, 1) for s in range(5)]
+    assert data.is_volume(cases[0].image)
+    item = seg[2]
+    assert item['image'].shape == (3, 8, 8) and item['image'].dtype == torch.float32
+    assert item['mask'].shape == (8, 8) and item['mask'].dtype == torch.int64 and seg.num_classes == 2
+    cls = data.SliceDataset(cases, dcfg, 8, 1, 'classification', train=True)
+    assert cls[7]['label'].dtype == torch.int64 and cls[7]['label'].item() == 1 and cls.num_classes == 2
+    batch = next(iter(torch.utils.data.DataLoader(seg, batch_size=4)))
+    assert batch['image'].shape == (4, 3, 8, 8) and batch['mask'].shape == (4, 8, 8)
+    with pytest.raises(DataError, match='no label for task classification'):
+        data.SliceDataset([Case('x', cases[0].image, None, None)], dcfg, 8, 1, 'classification', False)
+    with pytest.raises(DataError, match='data.mean'):
+        data.SliceDataset(cases, dict(dcfg, mean=[0.5, 0.5]), 8, 3, None, False)
+
+
+# ---------------------------------------------------------------------------------------------------- augmentation
+
+def test_warp_keeps_mask_on_image():
+    torch.manual_seed(0)
+    aug = dict(crop_scale=[0.3, 1.0], hflip=0.5, vflip=0.5, rotate=45)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 5:20, 8:14] = 1
+    mask[..., 22:30, 18:31] = 1
+    for _ in range(20):
+        image, warped = data.warp(mask.clone(), mask.clone(), data.random_affine(aug))
+        # where bilinear gives exactly 0 or 1, all pixels it mixed share that class; nearest picks one of them
+        pure = ((image == 0) | (image == 1))
+        assert pure.float().mean() > 0.5
+        assert torch.equal(warped[pure], image[pure])
+
+
+def test_resize_keeps_mask_on_image():
+    mask = torch.zeros(1, 1, 96, 96)
+    mask[..., 30:61, 10:41] = 1
+    image, small = data.resize(mask.clone(), mask.clone(), 64)
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing='ij')
+    centre = [(45 + 0.5) * 64 / 96 - 0.5, (25 + 0.5) * 64 / 96 - 0.5]  # source box centre in output pixels
+    for w in (image[0, 0], small[0, 0]):  # nearest-exact samples the pixel centres bilinear uses: same place
+        assert abs((w * ys).sum() / w.sum() - centre[0]) < 0.2 and abs((w * xs).sum() / w.sum() - centre[1]) < 0.2
+
+
+def test_augmented_segmentation_items_line_up(tmp_path, dcfg):
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[3:9, 4:14] = 1
+    mask[10:15, 2:7] = 2
+    case = Case('c', save_nifti(tmp_path / 'i.nii.gz', mask.astype(np.int16) * 500),
+                save_nifti(tmp_path / 'm.nii.gz', mask), None)
+    dcfg.update(window=[0, 1000], mean=[0.0], std=[1.0], augment=dict(crop_scale=[0.5, 1], hflip=0.5, vflip=0.5,
+                                                                        rotate=30))
+    ds = data.SliceDataset([case], dcfg, 16, 1, 'segmentation', train=True)
+    torch.manual_seed(1)
+    for n in range(9):
+        item = ds[n % 3]
+        level = item['image'][0] * 2  # back to class index
+        pure = (level == level.round()) & (level.round() >= 0)
+        assert torch.equal(item['mask'][pure], level[pure].long())
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+
+def test_splits_are_by_case_deterministic_and_stratified(dcfg):
+    cases = [Case(f'p{n // 2}', Path(f'p{n}.png'), None, n // 2 % 2) for n in range(80)]  # 2 images per patient
+    splits = data.split_cases(cases, dcfg)
+    assert splits == data.split_cases(list(cases), dcfg)
+    ids = {s: {c.id for c in splits[s]} for s in ('train', 'val', 'test')}
+    assert not ids['train'] & ids['val'] and not ids['train'] & ids['test'] and not ids['val'] & ids['test']
+    assert sum(map(len, ids.values())) == 40 and (len(ids['test']), len(ids['val'])) == (10, 6)
+    assert {c.label for c in splits['test']} == {0, 1} and {c.label for c in splits['val']} == {0, 1}
+    assert splits['labelled'] == splits['train']
+    few = data.split_cases(cases, dict(dcfg, label_fraction=0.1))
+    assert few['train'] == splits['train'] and len({c.id for c in few['labelled']}) == 2
+    assert {c.label for c in few['labelled']} == {0, 1} and {c.id for c in few['labelled']} <= ids['train']
+    one = data.split_cases(cases, dict(dcfg, label_fraction=0.001))
+    assert len({c.id for c in one['labelled']}) == 1
+    other = data.split_cases(cases, dict(dcfg, split_seed=1))
+    assert {c.id for c in other['test']} != ids['test']
+
+
+def test_split_column_wins_and_empty_splits_raise(dcfg):
+    cases = [Case(f'c{n}', Path(f'c{n}.png'), None, 0, split) for n, split in enumerate(['train'] * 3 + ['val',
+                                                                                                       'test'])]
+    splits = data.split_cases(cases, dcfg)
+    assert [c.id for c in splits['val']] == ['c3'] and [c.id for c in splits['test']] == ['c4']
+    with pytest.raises(DataError, match="split column: no case has split 'val'"):
+        data.split_cases([c for c in cases if c.split != 'val'], dcfg)
+    plain = [Case(f'c{n}', Path(f'c{n}.png'), None, None) for n in range(4)]
+    with pytest.raises(DataError, match='data.test_fraction'):
+        data.split_cases(plain, dict(dcfg, test_fraction=0.0))
+    with pytest.raises(DataError, match='leaves no training case'):
+        data.split_cases(plain, dict(dcfg, val_fraction=0.5, test_fraction=0.5))
+    with pytest.raises(DataError, match='data.label_fraction'):
+        data.split_cases(plain, dict(dcfg, label_fraction=0))
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+
+def test_msd_layout_with_nnunet_names_and_junk(tmp_path, dcfg):
+    root = msd_tree(tmp_path / 'Task')
+    (root / 'imagesTr' / 'c0.nii.gz').rename(root / 'imagesTr' / 'c0_0000.nii.gz')  # nnU-Net v2 channel suffix
+    (root / 'imagesTr' / '._c1.nii.gz').write_bytes(b'\0\5\26\7')  # macOS resource file as in the MSD archives
+    cases, info = data.prepare(dict(dcfg, layout='msd', root=str(root)), tmp_path)
+    assert [c.id for c in cases] == ['c0', 'c1', 'c2'] and info['class_names'] == ['background', 'organ']
+    assert info['num_classes_seg'] == 2 and info['num_classes_cls'] is None
+
+
+def test_csv_layout_names_labels_and_png(tmp_path, dcfg):
+    for n in range(4):
+        save_png(tmp_path / 'img' / f'{n}.png', np.full((10, 12), 40 * n))
+        save_png(tmp_path / 'img' / f'{n}_seg.png', np.eye(10, 12) * 255)  # 0/255 binary mask
+    manifest = write_csv(tmp_path / 'list.csv', [['image', 'mask', 'label']] +
+                         [[f'img/{n}.png', f'img/{n}_seg.png', ['benign', 'malignant'][n % 2]] for n in range(4)])
+    cases, info = data.prepare(dict(dcfg, layout='csv', root=str(manifest), intensity='percentile'), tmp_path)
+    assert [c.label for c in cases] == [0, 1, 0, 1] and info['label_names'] == ['benign', 'malignant']
+    assert info['num_classes_seg'] == 2 and set(np.unique(data.load_mask(cases[0]))) == {0, 1}
+
+
+def test_folder_layout_with_masks(tmp_path, dcfg):
+    for cls in ('b', 'a'):
+        for n in range(2):
+            save_png(tmp_path / cls / f'{n}.png', np.full((8, 8), 100))
+            save_png(tmp_path / cls / f'{n}_mask.png', np.pad(np.full((2, 2), 255), 3))
+    save_png(tmp_path / 'a' / '0_mask_1.png', np.pad(np.full((1, 1), 255), ((0, 7), (0, 7))))  # BUSI's second mask
+    cases, info = data.prepare(dict(dcfg, layout='folder', root=str(tmp_path), intensity='none'), tmp_path)
+    assert [(c.id, c.label) for c in cases] == [('a/0', 0), ('a/1', 0), ('b/0', 1), ('b/1', 1)]
+    assert info['label_names'] == ['a', 'b'] and cases[0].extra_masks == (tmp_path / 'a' / '0_mask_1.png',)
+    assert data.load_mask(cases[0]).sum() == 5  # both masks, merged
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+def bad(dcfg, match, **cfg):
+    with pytest.raises(DataError, match=match):
+        data.prepare(dict(dcfg, **cfg), Path('/nonexistent-cache'))
+
+
+def test_missing_and_unreadable_files(tmp_path, dcfg):
+    root = msd_tree(tmp_path / 'T')
+    (root / 'labelsTr' / 'c1.nii.gz').unlink()
+    bad(dcfg, r'imagesTr/c1.nii.gz: no mask .*labelsTr/c1.nii.gz', layout='msd', root=str(root))
+    root = msd_tree(tmp_path / 'U')
+    (root / 'imagesTr' / 'c2.nii.gz').unlink()
+    bad(dcfg, r'labelsTr/c2.nii.gz: mask without an image', layout='msd', root=str(root))
+    csv_path = write_csv(root / 'm.csv', [['image', 'mask'], ['imagesTr/c0.nii.gz', 'labelsTr/c0.nii.gz'],
+                                          ['imagesTr/gone.nii.gz', 'labelsTr/c1.nii.gz']])
+    bad(dcfg, r'gone.nii.gz: image file not found', layout='csv', root=str(csv_path))
+    csv_path = write_csv(root / 'n.csv', [['image', 'mask'], ['imagesTr/c0.nii.gz', 'labelsTr/nope.nii.gz']])
+    bad(dcfg, r'nope.nii.gz: mask file not found', layout='csv', root=str(csv_path))
+    root = msd_tree(tmp_path / 'V')
+    full = (root / 'imagesTr' / 'c1.nii.gz').read_bytes()
+    (root / 'imagesTr' / 'c1.nii.gz').write_bytes(full[:len(full) // 2])  # truncated download
+    bad(dcfg, r'imagesTr/c1.nii.gz: unreadable or truncated', layout='msd', root=str(root))
+    (root / 'imagesTr' / 'c1.nii.gz').write_bytes(gzip.compress(b'not a nifti header'))
+    bad(dcfg, r'imagesTr/c1.nii.gz: unreadable or truncated', layout='msd', root=str(root))
+    bad(dcfg, r'data.root: must be set', layout='msd', root=None)
+    bad(dcfg, r'data.layout', layout='dicom')
+
+
+def test_mismatched_mask_and_out_of_range_labels(tmp_path, dcfg):
+    root = msd_tree(tmp_path / 'A')
+    save_nifti(root / 'labelsTr' / 'c1.nii.gz', np.zeros((8, 8, 5), np.uint8))
+    bad(dcfg, r'labelsTr/c1.nii.gz: mask shape \(8, 8, 5\) differs from image', layout='msd', root=str(root))
+    root = msd_tree(tmp_path / 'B')
+    save_nifti(root / 'labelsTr' / 'c1.nii.gz', np.zeros((8, 8, 4), np.uint8), np.diag([2.0, 1, 1, 1]))
+    bad(dcfg, r'labelsTr/c1.nii.gz: mask affine differs', layout='msd', root=str(root))
+    root = msd_tree(tmp_path / 'C')
+    save_nifti(root / 'labelsTr' / 'c2.nii.gz', np.full((8, 8, 4), 5, np.uint8))
+    bad(dcfg, r'labelsTr/c2.nii.gz: mask values \[5\] outside the 2 classes', layout='msd', root=str(root))
+    root = msd_tree(tmp_path / 'D')
+    save_nifti(root / 'labelsTr' / 'c2.nii.gz', np.full((8, 8, 4), 0.5, np.float32))
+    bad(dcfg, r'labelsTr/c2.nii.gz: mask has non-integer values', layout='msd', root=str(root))
+    csv_path = write_csv(tmp_path / 'A' / 'l.csv', [['image', 'label'], ['imagesTr/c0.nii.gz', '0'],
+                                                    ['imagesTr/c2.nii.gz', '3']])
+    bad(dcfg, r'imagesTr/c2.nii.gz: label 3 outside the 2 classes', layout='csv', root=str(csv_path), num_classes=2)
+    csv_path = write_csv(tmp_path / 'A' / 'e.csv', [['image', 'label'], ['imagesTr/c0.nii.gz', '']])
+    bad(dcfg, r'e.csv line 2: empty "label"', layout='csv', root=str(csv_path))
+
+
+def test_bad_2d_inputs(tmp_path, dcfg):
+    save_png(tmp_path / 'a' / 'x.png', np.zeros((8, 8)))
+    save_png(tmp_path / 'a' / 'y.png', np.zeros((8, 8)))
+    save_png(tmp_path / 'a' / 'x_mask.png', np.zeros((8, 9)))
+    bad(dcfg, r'a/y.png: no mask', layout='folder', root=str(tmp_path), intensity='none')
+    save_png(tmp_path / 'a' / 'y_mask.png', np.zeros((8, 8)))
+    bad(dcfg, r'a/x_mask.png: mask shape \(8, 9\) differs', layout='folder', root=str(tmp_path), intensity='none')
+    bad(dcfg, r'a/x.png: data.intensity window expects CT', layout='folder', root=str(tmp_path))
+    save_png(tmp_path / 'a' / 'z_mask.png', np.zeros((8, 8)))
+    bad(dcfg, r'a/z_mask.png: mask without an image', layout='folder', root=str(tmp_path), intensity='none')
+    (tmp_path / 'b').mkdir()
+    (tmp_path / 'b' / 'w.png').write_bytes(b'\x89PNG\r\n\x1a\n broken')
+    (tmp_path / 'a' / 'z_mask.png').unlink()
+    bad(dcfg, r'b/w.png: unreadable or truncated', layout='folder', root=str(tmp_path), intensity='none',
+        mask_suffix='_none')
+
+
+def test_lossy_and_colour_masks(tmp_path, dcfg):
+    save_png(tmp_path / 'x.png', np.zeros((8, 8)))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'x_mask.jpg')
+    manifest = write_csv(tmp_path / 'm.csv', [['image', 'mask'], ['x.png', 'x_mask.jpg']])
+    bad(dcfg, r'x_mask.jpg: JPEG masks change label values', layout='csv', root=str(manifest), intensity='none')
+    Image.fromarray(np.dstack([np.zeros((8, 8)), np.ones((8, 8)), np.zeros((8, 8))]).astype(np.uint8)).save(
+        tmp_path / 'x_rgb.png')
+    manifest = write_csv(tmp_path / 'n.csv', [['image', 'mask', 'case'], ['x.png', 'x_rgb.png', 'patient7']])
+    bad(dcfg, r'x_rgb.png: colour mask', layout='csv', root=str(manifest), intensity='none')
