@@ -213,13 +213,18 @@ def _summary(keys):
     return ', '.join(f'{kind} x{len(blocks)}' for kind, blocks in sorted(kinds.items())) or 'nothing'
 
 
-def _shape_cause(key, saved, wanted):
-    if key.endswith('lora.A') and saved[1:] == wanted[1:]:
-        return 'the LoRA rank differs (peft.lora.r, or peft.lora.qv_only)'
-    if key.endswith('lora.B') and saved[1:] != wanted[1:]:
-        return f'saved with rank {saved[1]}, config has rank {wanted[1]} (peft.lora.r)'
-    if key.endswith('down.weight') and saved[1:] == wanted[1:]:
-        return f'saved with adapter dim {saved[0]}, config has {wanted[0]} (peft.adapter.dim)'
+def _shape_cause(model, sd, key):
+    """The likely config setting behind a mis-shaped target key, read from the saved shapes of its module."""
+    owner = model.get_submodule(key.rsplit('.', 1)[0])
+    prefix = key.rsplit('.', 1)[0] + '.'
+    if isinstance(owner, LoRA):
+        saved_groups = sd[prefix + 'B'].shape[0] // owner.width
+        if saved_groups != owner.groups:
+            return f'saved with qv_only={saved_groups == 2}, config has qv_only={owner.groups == 2} (peft.lora.qv_only)'
+        if sd[prefix + 'A'].shape[1] == owner.A.shape[1]:
+            return f'saved with rank {sd[prefix + "A"].shape[0] // saved_groups}, config has rank {owner.r} (peft.lora.r)'
+    if key.endswith('down.weight') and sd[key].shape[1:] == owner.weight.shape[1:]:
+        return f'saved with adapter dim {sd[key].shape[0]}, config has {owner.weight.shape[0]} (peft.adapter.dim)'
     return 'the backbone width differs (model.*)'
 
 
@@ -235,9 +240,8 @@ def load_target_state_dict(model, sd):
             f'unexpected {unexpected[:4]}{" ..." if len(unexpected) > 4 else ""} (peft.lora.layers / peft.adapter.kind)')
     for name, p in params.items():
         if sd[name].shape != p.shape:
-            saved, wanted = tuple(sd[name].shape), tuple(p.shape)
-            raise TargetMismatchError(f'target {name}: saved shape {saved}, model shape {wanted}: '
-                                      f'{_shape_cause(name, saved, wanted)}')
+            raise TargetMismatchError(f'target {name}: saved shape {tuple(sd[name].shape)}, model shape '
+                                      f'{tuple(p.shape)}: {_shape_cause(model, sd, name)}')
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(sd[name])
