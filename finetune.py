@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.utils import save_image
 
 import data
@@ -164,27 +165,38 @@ def save_inference_model(run, model, cfg, num_classes):
                         'num_classes': num_classes, 'lora_merged': merged, 'config': cfg}, run.dir / 'model.pth')
 
 
-def save_predictions(run, model, loader, dcfg, axis):
-    """Predicted test masks as NIfTI (each case's canonical affine, resized back to its grid) and a PNG overlay."""
+PALETTE = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.9, 0.2], [0.95, 0.15, 0.1], [0.2, 0.4, 1.0], [1.0, 0.8, 0.1]])
+
+
+def overlay(image, mask):
+    """image (1, H, W) in [0, 1], mask (H, W) class indices -> (3, H, W): classes tinted over the grey image."""
+    color = PALETTE[mask.long() % len(PALETTE)].permute(2, 0, 1)                    # (3, H, W)
+    return torch.where(mask > 0, 0.55 * image + 0.45 * color, image.expand(3, -1, -1))
+
+
+def save_predictions(run, model, loader, dcfg):
+    """Predicted test masks in each case's own grid: NIfTI with the case's (canonical) affine for volumes, PNG for
+    2D images; and overlay.png (image / ground truth / prediction) for the middle slice of the first case."""
     out = run.dir / 'predictions'
+    preds, dataset, axis = predict(run, model, loader, 'segmentation'), loader.dataset, dcfg['axis']
+    if not run.main:
+        return
     out.mkdir(exist_ok=True)
-    preds, dataset = predict(run, model, loader, 'segmentation'), loader.dataset
     for c, slices in preds.items():
-        case = dataset.cases[c]
-        vol = torch.from_numpy(np.stack([slices[i] for i in sorted(slices)]))            # (S, h, w) model grid
-        if data.is_volume(case.image):
-            ref = nib.as_closest_canonical(nib.load(case.image))
-            plane = [n for i, n in enumerate(ref.shape[:3]) if i != axis]
-            vol = F.interpolate(vol[None, None].float(), size=(vol.shape[0], *plane), mode='nearest')[0, 0]
-            vol = np.moveaxis(vol.to(torch.uint8).numpy(), 0, axis)
-            nib.save(nib.Nifti1Image(vol, ref.affine), out / f'{case.id}_pred.nii.gz')
+        case, shape = dataset.cases[c], data.load(dataset.cases[c].image)[0].shape
+        vol = torch.from_numpy(np.stack([slices[i] for i in sorted(slices)])).float()   # (S, h, w) model grid
+        plane = [n for i, n in enumerate(shape) if i != axis] if len(shape) == 3 else list(shape)
+        vol = F.interpolate(vol[None], size=plane, mode='nearest-exact')[0].to(torch.uint8).numpy()  # (S, H, W)
+        if len(shape) == 3:
+            nib.save(nib.Nifti1Image(np.moveaxis(vol, 0, axis), data.case_affine(case)), out / f'{case.id}_pred.nii.gz')
+        else:
+            Image.fromarray(vol[0]).save(out / f'{case.id}_pred.png')
     first = next(iter(preds))
-    idx = [i for i in range(len(dataset)) if dataset.sample_index(i)[0] == first]          # slices of the first case
-    mid = dataset[idx[len(idx) // 2]]
-    img = (mid['image'][:1] * dcfg['std'][0] + dcfg['mean'][0]).clamp(0, 1)
-    pred = torch.from_numpy(preds[first][mid['slice']]).float()[None]
-    overlay = torch.cat([img, img * (pred == 0) + pred / pred.max().clamp(min=1), img])      # red = predicted classes
-    save_image(torch.stack([img.expand(3, -1, -1), overlay]), out / 'overlay.png')
+    items = [i for i in range(len(dataset)) if dataset.sample_index(i)[0] == first]
+    item = dataset[items[len(items) // 2]]                                              # middle slice
+    image = (item['image'][:1] * dcfg['std'][0] + dcfg['mean'][0]).clamp(0, 1)          # (1, H, W)
+    pred = torch.from_numpy(preds[first][item['slice']])
+    save_image([image.expand(3, -1, -1), overlay(image, item['mask']), overlay(image, pred)], out / 'overlay.png')
 
 
 def main(args):
@@ -205,7 +217,7 @@ def main(args):
                                  f"{'labels' if task == 'classification' else 'masks'}")
     splits = data.split_cases(cases, dcfg)
     size, chans = cfg['model']['img_size'], cfg['model']['in_chans']
-    sets = {s: data.SliceDataset(splits[s], dcfg, size, chans, task=task, train=s == 'labelled')
+    sets = {s: data.SliceDataset(splits[s], dcfg, size, chans, task, train=s == 'labelled', num_classes=num_classes)
             for s in ('labelled', 'val', 'test')}
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
@@ -223,6 +235,8 @@ def main(args):
     best = torch.load(run.dir / 'best.pth', map_location=run.device, weights_only=False)
     engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
     test = evaluate(run, model, test_loader, task, num_classes)
+    if fcfg['save_predictions'] and task == 'segmentation':
+        save_predictions(run, model, test_loader, dcfg)            # every rank predicts its share; rank 0 writes
     if run.main:
         metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
                    'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
@@ -231,12 +245,11 @@ def main(args):
             json.dump(metrics, f, indent=1)
         for k, v in test.items():
             run.writer.add_scalar(f'test/{k}', v, result['steps'])
-        if fcfg['save_predictions'] and task == 'segmentation':
-            save_predictions(run, model, test_loader, dcfg, dcfg['axis'])
         save_inference_model(run, model, cfg, num_classes)
         shown = {k: round(v, 4) for k, v in test.items() if k != 'score'}
+        saved = f' | predicted masks: {run.dir}/predictions' if fcfg['save_predictions'] and task == 'segmentation' else ''
         run.log(f'test (best epoch {best["epoch"]}): {shown}\nresults: {run.dir}/metrics.json | model: '
-                f'{run.dir}/model.pth | TensorBoard: {run.dir}/tensorboard')
+                f'{run.dir}/model.pth{saved} | TensorBoard: {run.dir}/tensorboard')
     run.close()
     return run.dir
 

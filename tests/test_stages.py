@@ -3,10 +3,13 @@ targets, stage 2 loads them and learns, and an interrupted run resumes exactly."
 import argparse
 import json
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import yaml
 
+import data
 import engine
 import finetune
 import lora
@@ -80,6 +83,21 @@ def test_stage2_loads_targets_and_learns(tmp_path, cache, task):
     assert 0 <= metrics['test']['score'] <= 1
     model = torch.load(run_dir / 'model.pth', weights_only=False)
     assert model['lora_merged'] and not any('.lora.' in k for k in model['model'])
+
+
+def test_stage2_saves_predicted_masks_on_the_source_grid(tmp_path, cache):
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1, 'save_predictions': True})
+    run_dir = finetune.main(args(cfg, 'finetune.init=linear'))
+    saved = sorted((run_dir / 'predictions').glob('*_pred.nii.gz'))
+    dcfg = engine.load_config(cfg)['data']
+    cases = data.split_cases(data.prepare(dcfg, str(cache))[0], dcfg)['test']
+    test_ids = {c.id for c in cases}
+    assert {p.name[:-len('_pred.nii.gz')] for p in saved} == test_ids
+    case = next(c for c in cases if c.id == saved[0].name[:-len('_pred.nii.gz')])
+    source, pred = nib.as_closest_canonical(nib.load(case.image)), nib.load(saved[0])
+    assert pred.shape == source.shape and np.allclose(pred.affine, source.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    assert (run_dir / 'predictions' / 'overlay.png').stat().st_size > 0
 
 
 def test_stage2_refuses_targets_of_another_rank(tmp_path, cache):
