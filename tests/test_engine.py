@@ -1,6 +1,8 @@
 """Run plumbing: config schema and overrides, schedule, atomic checkpoints, run folders, the non-finite stop."""
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -112,3 +114,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         engine.train(run, model, loader, loss_fn, ocfg)
     ckpt = torch.load(run.checkpoint, weights_only=False)
     assert ckpt['epoch'] == 0 and all(math.isfinite(v.abs().sum()) for v in ckpt['model'].values())
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    """Items drawn from torch's and numpy's global RNGs, as augmentations are (inside the loader workers)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {'image': torch.rand(2), 'np': torch.tensor(np.random.rand(2))}
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_same_seed_gives_same_batches_with_workers(workers):
+    def batches(seed):
+        run = SimpleNamespace(cfg={'run': {'seed': seed, 'workers': workers}}, world=1, device=torch.device('cpu'))
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        return [b for _ in range(2) for b in engine.make_loader(run, _RandomItems(), 4, train=True)]
+    a, b, c = batches(0), batches(0), batches(1)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert not torch.equal(a[0]['image'], c[0]['image'])
+    if workers:   # numpy is seeded per worker too: workers do not repeat each other's draws
+        assert not torch.equal(a[0]['np'], a[1]['np'])
