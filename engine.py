@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -93,16 +94,20 @@ def load_config(path, overrides=()):
 # A run: its folder, device, precision, process group, logging
 
 class Run:
-    """One training run: `<run.out_dir>/<name>`, the device and AMP dtype, the torchrun rank, log and TensorBoard."""
+    """One training run: `<run.out_dir>/<name>`, the device and AMP dtype, the torchrun rank, log and TensorBoard.
+    Under torchrun every rank makes one; only rank 0 touches the folder (log, TensorBoard, checkpoints).
+    replace: an existing folder is deleted first instead of refused (a cache entry whose first start crashed)."""
 
-    def __init__(self, cfg, name, resume=False):
+    def __init__(self, cfg, name, resume=False, replace=False):
         self.cfg, self.resume = cfg, resume
-        self.rank, self.world, local_rank = _init_distributed()
-        self.device = _pick_device(cfg['run']['device'], local_rank)
+        self.device = _pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0)))
+        self.rank, self.world = _init_distributed(self.device)
         self.amp = _pick_amp(cfg['run']['amp'], self.device)
         self.dir = Path(cfg['run']['out_dir']) / name
         self.checkpoint = self.dir / 'checkpoint.pth'
         if self.main:
+            if replace and not resume and self.dir.exists():
+                shutil.rmtree(self.dir)
             if resume and not self.checkpoint.is_file():
                 raise FileNotFoundError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
             if not resume and self.dir.exists():
@@ -138,18 +143,20 @@ class Run:
             dist.barrier()
 
     def close(self):
+        self.barrier()                  # every rank leaves together: rank 0 may still be writing the run's files
         if self.writer:
             self.writer.close()
 
 
-def _init_distributed():
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU. Plain runs skip it all."""
+def _init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU. Plain runs skip it all.
+    Returns (rank, world size)."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world == 1:
-        return 0, 1, 0
+        return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world
 
 
 def _pick_device(name, local_rank):
@@ -214,12 +221,25 @@ def to_device(batch, device):
 
 
 def gather(run, items):
-    """Concatenate per-rank lists on every rank (evaluation metrics are computed over all samples, as one process)."""
+    """Every rank's list, on every rank (evaluation metrics are computed over all samples, as one process). The
+    lists are interleaved, which for an evaluation loader (one item per sample) restores the dataset order; the
+    DistributedSampler's padding (repeats of the first samples) comes last."""
     if run.world == 1:
         return items
     out = [None] * run.world
     dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
+    merged = []
+    for i in range(max(map(len, out))):
+        merged += [part[i] for part in out if i < len(part)]
+    return merged
+
+
+def _mean_over_ranks(run, value):
+    """All ranks' mean of a tensor (the global-batch mean of per-rank means: ranks have equal batches)."""
+    if run.world > 1:
+        dist.all_reduce(value)
+        value /= run.world
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -311,7 +331,11 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
-    if run.world > 1:  # DDP over the trainable parameters only: frozen ones are neither reduced nor checked
+    if run.world > 1:
+        # DDP starts every rank from rank 0's parameters and buffers (ranks are seeded differently) and then averages
+        # the gradients of the trainable parameters only: frozen ones are neither reduced nor checked for use. Each
+        # rank's loss is its batch mean, so the average is the global-batch mean (drop_last keeps batches equal).
+        # Every trainable parameter must take part in the loss (no find_unused_parameters: it costs a graph walk).
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == 'cuda'
                                                         else None)
     epochs, per_epoch = ocfg['epochs'], len(loader)
@@ -322,7 +346,11 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
         load_trainable_state(model, ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
-        _set_rng_state(ckpt['rng'], loader)
+        rng = ckpt['rng'] if isinstance(ckpt['rng'], list) else [ckpt['rng']]   # one state per rank
+        if len(rng) == run.world:
+            _set_rng_state(rng[run.rank], loader)
+        else:
+            run.log(f'{tag}: checkpoint of {len(rng)} processes resumed with {run.world}: random states not restored')
         epoch0, step, best, history = ckpt['epoch'] + 1, ckpt['step'], ckpt['best'], ckpt['history']
         run.log(f'{tag}: resumed from {run.checkpoint} at epoch {epoch0}, step {step}')
     log_every = run.cfg['run']['log_every']
@@ -350,7 +378,7 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
             epoch_loss += loss.detach().float()
             n_loss, n_img, step = n_loss + 1, n_img + len(batch['image']) * run.world, step + 1
             if step % log_every == 0 or i == per_epoch - 1:   # the only host sync: at logging intervals
-                avg = loss_sum.item() / n_loss
+                avg = _mean_over_ranks(run, loss_sum).item() / n_loss
                 if not math.isfinite(avg):
                     raise NonFiniteLossError(
                         f'{tag}: loss became {avg} in epoch {epoch + 1}, steps {step - n_loss + 1}-{step}; stopped. '
@@ -366,20 +394,27 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
                     run.writer.add_scalar(f'{tag}/images_per_s', speed, step)
                 loss_sum.zero_()
                 n_loss, n_img, t0 = 0, 0, time.time()
-        metrics = evaluate(model) if evaluate else {}
-        history.append({'epoch': epoch + 1, 'step': step, 'train_loss': epoch_loss.item() / per_epoch, **metrics})
+        if run.world > 1:   # BatchNorm statistics: rank 0's (what its checkpoint saves) on every rank, for evaluation
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+        metrics = evaluate(model) if evaluate else {}   # the same on every rank: predictions of all ranks gathered
+        train_loss = _mean_over_ranks(run, epoch_loss).item() / per_epoch
+        history.append({'epoch': epoch + 1, 'step': step, 'train_loss': train_loss, **metrics})
         if metrics:
             run.log(f'{tag} epoch {epoch + 1} ' + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items()
                                                             if isinstance(v, float)))
             for k, v in metrics.items():
                 if run.writer and isinstance(v, float):
                     run.writer.add_scalar(f'val/{k}', v, step)
+        improved = bool(metrics) and metrics['score'] > best
+        best = metrics['score'] if improved else best
+        rng = _rng_state(loader) if run.world == 1 else gather(run, [_rng_state(loader)])   # every rank's noise
         if run.main:
-            if metrics and metrics['score'] > best:
-                best = metrics['score']
+            if improved:
                 atomic_save({'model': trainable_state(model), 'epoch': epoch + 1, 'metrics': metrics},
                             run.dir / 'best.pth')
             atomic_save({'model': trainable_state(model), 'optimizer': optimizer.state_dict(),
-                         'scaler': scaler.state_dict(), 'rng': _rng_state(loader), 'epoch': epoch, 'step': step,
+                         'scaler': scaler.state_dict(), 'rng': rng, 'epoch': epoch, 'step': step,
                          'best': best, 'history': history}, run.checkpoint)
+        run.barrier()   # no rank reads best.pth (or resumes) before rank 0 has written it
     return {'steps': step, 'best': best, 'history': history}

@@ -147,7 +147,10 @@ def build_model(cfg, run, num_classes, init):
                                     f'(or set finetune.init=random for plain PEFT)') from None
         run.log(f"targets: loaded {path} (pre-trained for {meta['steps']} steps, pretext {meta['pretext']})")
     model = models.TaskModel(backbone, models.build_head(cfg, num_classes)).to(run.device)
-    extra = model.parameters() if init == 'full' else model.head.parameters()
+    extra = model.head.parameters()
+    if init == 'full':   # every parameter the forward uses (DDP needs that): segmentation skips the final norm
+        extra = [p for n, p in model.named_parameters()
+                 if not (cfg['finetune']['task'] == 'segmentation' and n.startswith('backbone.norm.'))]
     counts = lora.mark_trainable(model, extra=list(extra))
     run.log(f"parameters ({init}): total {counts['total']:,} | trainable {counts['trainable']:,} "
             f"({100 * counts['trainable'] / counts['total']:.2f}%) | targets {counts['targets']:,}")

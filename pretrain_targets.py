@@ -14,7 +14,6 @@ training with every parameter trainable, on synthetic upstream images of a diffe
 import copy
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -51,9 +50,7 @@ def pretrained_backbone(cfg):
     boot_cfg = copy.deepcopy(cfg)
     boot_cfg['run']['out_dir'] = cfg['run']['cache_dir']
     resume = (folder / 'checkpoint.pth').is_file()        # an interrupted bootstrap continues where it stopped
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)
-    run = engine.Run(boot_cfg, name, resume)
+    run = engine.Run(boot_cfg, name, resume, replace=True)   # (one that crashed before its first checkpoint restarts)
     run.log(f'no backbone.checkpoint configured: pre-training the embedded default backbone with MAE on '
             f'{boot["images"]} synthetic upstream images (once; cached as {path})')
     mae = models.build_mae(cfg).to(run.device)
