@@ -64,13 +64,11 @@ class LoRA(Target):
 
     def forward(self, x, y):
         """Add the update to the base layer's output y (..., out) computed from input x (..., in)."""
-        a = self.dropout(x) @ self.A.t()                                       # (..., g*r)
-        if self.groups == 1:
-            delta = a @ self.B.t()                                             # (..., d)
-        else:                                                                  # one rank-r pair per slice
-            a = a.unflatten(-1, (self.groups, self.r))                         # (..., g, r)
-            delta = torch.einsum('...gr,gdr->...gd', a, self.B.view(self.groups, self.width, self.r)).flatten(-2)
-        delta = delta * self.scaling
+        a = (self.dropout(x) @ self.A.t()) * self.scaling                     # (..., g*r): scale the narrow side
+        if self.groups == 1 and self.rows is None:                             # y + a B^T in one addmm, without
+            return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), self.B.t()).view_as(y)  # (..., out) temporaries
+        a = a.unflatten(-1, (self.groups, self.r))                             # (..., g, r): one pair per slice
+        delta = torch.einsum('...gr,gdr->...gd', a, self.B.view(self.groups, self.width, self.r)).flatten(-2)
         return y + delta if self.rows is None else y.index_add(-1, self.rows, delta.to(y.dtype))
 
 

@@ -103,7 +103,8 @@ class Attention(nn.Module):
         # qkv output channels are [q | k | v], each split into heads of D / num_heads (the timm/MAE layout).
         # Layers are called as modules, never through their .weight, so lora.py can replace them.
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D / heads)
+        q, k, v = qkv.unbind(0)  # one unbind, not three qkv[i]: its backward is one stack, not 3 zero-filled copies
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D / heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -313,9 +314,9 @@ class MaskedAutoencoder(VisionTransformer):
         Computed in float32 so bf16/fp16 autocast runs stay accurate."""
         target = self.patchify(imgs.float())
         if self.norm_pix_loss:  # per-patch normalised pixels (unbiased variance, as the official code)
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            centred = target - target.mean(dim=-1, keepdim=True)
+            var = centred.square().sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)  # target.var: ~7x slower on CPU
+            target = centred / (var + 1e-6) ** 0.5
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L) per patch
         return (loss * mask).sum() / mask.sum()
 
@@ -411,7 +412,10 @@ class SegmentationHead(nn.Module):
         """features: 4 x (B, L, D) from block_ids, shallow to deep; image: (B, C, H, W) -> logits (B, K, H, W)."""
         B, _, H, W = image.shape
         g_h, g_w = H // self.patch_size, W // self.patch_size
-        maps = [f.transpose(1, 2).reshape(B, -1, g_h, g_w) for f in features]  # 4 x (B, D, g, g)
+        # Channels-last throughout: the token maps are that layout already (a view, no copy), and CPU convolutions
+        # measured ~25% faster in it than in NCHW.
+        maps = [f.unflatten(1, (g_h, g_w)).permute(0, 3, 1, 2) for f in features]  # 4 x (B, D, g, g)
+        image = image.contiguous(memory_format=torch.channels_last)
         skips = [[] for _ in self.ups]
         for branch, s, feature in zip(self.skips, self.skip_stage, maps[:3]):
             skips[s].append(branch(feature))  # (B, width, g * 2^(s+1), ...)
