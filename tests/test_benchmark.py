@@ -9,7 +9,6 @@ import yaml
 from PIL import Image
 
 import benchmark
-import engine
 
 
 @pytest.fixture(scope='module')
@@ -63,23 +62,15 @@ def test_quick_writes_table_csv_and_plot(quick):
     assert img.size[0] > 300 and img.size[1] > 300 and len(img.getcolors(1 << 16) or []) > 4   # drawn, not blank
 
 
-def test_second_invocation_resumes(quick, capsys, monkeypatch):
+def test_second_invocation_resumes(quick, capsys, crash_after_checkpoint):
     tmp, argv, out = quick
     before = read_rows(out)
     assert not list(out.glob('*/checkpoint.pth')) and not list(out.glob('*/model.pth'))   # no --keep: deleted
     # a run interrupted after its first epoch's checkpoint: the next invocation resumes it and skips the others
     victim = next(r for r in before if r['stage'] == '2' and r['init'] == 'tpp')
     shutil.rmtree(out / victim['name'])
-    save = engine.atomic_save
-
-    def crash(obj, path):
-        save(obj, path)
-        if path.name == 'checkpoint.pth':
-            raise KeyboardInterrupt('simulated crash')
-    monkeypatch.setattr(engine, 'atomic_save', crash)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint():
         benchmark.main(benchmark.parse_args(argv))
-    monkeypatch.setattr(engine, 'atomic_save', save)
     assert (out / victim['name'] / 'checkpoint.pth').is_file()
     capsys.readouterr()
     benchmark.main(benchmark.parse_args(argv))

@@ -108,21 +108,13 @@ def test_stage2_refuses_targets_of_another_rank(tmp_path, cache):
 
 
 @pytest.mark.parametrize('script, name', [(pretrain_targets, 'pretrain'), (finetune, 'finetune')])
-def test_interrupted_run_resumes_exactly(tmp_path, cache, monkeypatch, script, name):
+def test_interrupted_run_resumes_exactly(tmp_path, cache, crash_after_checkpoint, script, name):
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 2, 'name': 'ft'})
     if script is finetune:
         pretrain_targets.main(args(cfg))
     straight = script.main(args(cfg, f'{name}.name=straight'))
-    save = engine.atomic_save
-
-    def crash_after_first_checkpoint(obj, path):
-        save(obj, path)
-        if path.name == 'checkpoint.pth':
-            raise KeyboardInterrupt('simulated crash')
-    monkeypatch.setattr(engine, 'atomic_save', crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint():
         script.main(args(cfg, f'{name}.name=crashed'))
-    monkeypatch.setattr(engine, 'atomic_save', save)
     resumed = script.main(args(cfg, f'{name}.name=crashed', resume=True))
     if script is pretrain_targets:
         a, b = (torch.load(p, weights_only=True)['targets'] for p in (straight, resumed))
