@@ -213,8 +213,8 @@ def _summary(keys):
 
 def _shape_cause(model, sd, key):
     """The likely config setting behind a mis-shaped target key, read from the saved shapes of its module."""
-    owner = model.get_submodule(key.rsplit('.', 1)[0])
-    prefix = key.rsplit('.', 1)[0] + '.'
+    owner_name = key.rsplit('.', 1)[0]
+    owner, prefix = model.get_submodule(owner_name), owner_name + '.'
     if isinstance(owner, LoRA):
         saved_groups = sd[prefix + 'B'].shape[0] // owner.width
         if saved_groups != owner.groups:
