@@ -75,11 +75,12 @@ MATRIX = {
         # stage 1, per data set: CT keeps the config's epochs (10: 160 steps); US has only 180 training images
         'stage1': {'ct': [], 'us': ['pretrain.epochs=60'], 'config': []},
         # stage 2, per (data set, label fraction): fewer labels get more epochs (so more than a handful of steps).
-        # CT: 38 training volumes (1064 slices; 10%: 4 volumes), US: 180 images (10%: 18)
+        # CT: 38 training volumes (1064 slices; 10%: 4 volumes), US: 180 images (10%: 18). US runs are cheap, and
+        # 5 epochs (25 steps) left LoRA and adapters at a single predicted class: they get 20 (100%) and 60 (10%).
         'stage2': {('ct', 1.0): ['finetune.epochs=2'],
                    ('ct', 0.1): ['finetune.epochs=8'],
-                   ('us', 1.0): ['finetune.epochs=5'],
-                   ('us', 0.1): ['finetune.epochs=30', 'finetune.batch_size=16'],
+                   ('us', 1.0): ['finetune.epochs=20'],
+                   ('us', 0.1): ['finetune.epochs=60', 'finetune.batch_size=16'],
                    ('config', 1.0): [], ('config', 0.1): []},
     },
     'quick': {                   # smoke test: every code path, few runs; sizes still come from the config
