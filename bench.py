@@ -227,7 +227,10 @@ def loader_row(spec, device, autocast):
     dataset = data.SliceDataset(cases, dcfg, cfg['model']['img_size'], models.vit_kwargs(cfg['model'])['in_chans'],
                                 'segmentation', train=True, num_classes=info['num_classes_seg'])
     loader = engine.make_loader(SimpleNamespace(world=1, cfg=cfg, device=device), dataset, spec['batch'], train=True)
-    batches = (batch for _ in iter(int, 1) for batch in loader)  # endless, epoch after epoch
+    def endless():  # epoch after epoch
+        while True:
+            yield from loader
+    batches = endless()
     return {'loader': (lambda: next(batches), 0)}
 
 
