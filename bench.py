@@ -55,9 +55,10 @@ from torch.utils import flop_counter
 
 import data
 import engine
+import finetune
 import lora
 import models
-from finetune import seg_loss
+import pretrain_targets
 
 _224 = ['model.img_size=224', 'model.patch_size=16', 'model.in_chans=3', 'model.depth=null']
 PRESETS = {  # name: (config overrides, batch size, timed steps, warm-up steps)
@@ -104,7 +105,7 @@ def peft_lora(peft, **kw):
 
 
 def build_mae(cfg, trains, reference):
-    """The bootstrap MAE (trains='all') or stage 1's, as pretrain_targets.py sets them up."""
+    """The bootstrap MAE (trains='all') or stage 1's, set up as pretrain_targets.py does."""
     mae = models.build_mae(cfg)
     if reference:
         from timm.models.vision_transformer import Block
@@ -113,20 +114,18 @@ def build_mae(cfg, trains, reference):
                                    for _ in range(a['depth']))
         mae.decoder_blocks = nn.ModuleList(Block(d['decoder_embed_dim'], d['decoder_num_heads'], a['mlp_ratio'],
                                                  qkv_bias=True) for _ in range(d['decoder_depth']))
-    decoder = [p for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
-    decoder = decoder if cfg['pretrain']['train_decoder'] else []
     if trains == 'all':  # all but the fixed position embeddings
         lora.mark_trainable(mae, extra=[p for p in mae.parameters() if p.requires_grad])
-    elif reference:
+    elif not reference:
+        pretrain_targets.insert_targets(mae, {**cfg, 'peft': targets_cfg(cfg['peft'], trains)})
+    else:  # peft's LoRA, and the same decoder parameters as insert_targets
         from peft import inject_adapter_in_model
+        decoder = [p for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
         inject_adapter_in_model(peft_lora(cfg['peft']), mae)
         for name, p in mae.named_parameters():
             p.requires_grad = 'lora_' in name
-        for p in decoder:
+        for p in decoder if cfg['pretrain']['train_decoder'] else ():
             p.requires_grad = True
-    else:
-        lora.inject(mae, targets_cfg(cfg['peft'], trains))
-        lora.mark_trainable(mae, extra=decoder)
     return mae
 
 
@@ -146,9 +145,8 @@ def build_task_model(cfg, task, trains, num_classes, reference):
     backbone = models.build_backbone(cfg)
     if trains == 'peft':
         lora.inject(backbone, cfg['peft'])
-    model = models.TaskModel(backbone, models.build_head(cfg, num_classes))
-    lora.mark_trainable(model, extra=list(model.parameters() if trains == 'all' else model.head.parameters()))
-    return model
+    init = {'peft': 'random', 'all': 'full', 'head': 'linear'}[trains]
+    return finetune.add_head(cfg, backbone, num_classes, init)[0]
 
 
 def random_batch(cfg, size, task, num_classes, device):
@@ -192,7 +190,7 @@ def train_row(spec, device, autocast):
     if task == 'classification':
         loss_fn = lambda m, b: F.cross_entropy(m(b['image']).float(), b['label'])
     else:
-        loss_fn = lambda m, b: seg_loss(m(b['image']), b['mask'])
+        loss_fn = lambda m, b: finetune.seg_loss(m(b['image']), b['mask'])
     return {spec['name']: training_step(model, loss_fn, batch, cfg['finetune']['clip_grad'], (0.9, 0.999), autocast)}
 
 
@@ -336,8 +334,7 @@ def run_child(ctx, spec):
 def bench_preset(ctx, args, name):
     overrides, batch, steps, warmup = PRESETS[name]
     cfg = engine.load_config(args.config, overrides + args.set)
-    device = torch.device('cuda' if cfg['run']['device'] == 'auto' and torch.cuda.is_available()
-                          else cfg['run']['device'].replace('auto', 'cpu'))
+    device = engine._pick_device(cfg['run']['device'], 0)
     info = data.prepare(cfg['data'], cfg['run']['cache_dir'])[1]
     bf16 = args.bf16 == 'on' or args.bf16 == 'auto' and bf16_supported(device)
     spec = {'cfg': cfg, 'batch': args.batch or batch, 'steps': args.steps or steps, 'warmup': args.warmup or warmup,
@@ -478,21 +475,22 @@ def parse_args(argv=None):
     for name in args.preset.split(','):
         if name not in PRESETS:
             p.error(f"--preset {name}: not one of {', '.join(PRESETS)}")
-    args.missing = [name for name, version in versions().items() if version is None]
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    found = versions()
+    args.missing = [name for name, version in found.items() if version is None]
     # Rows run in processes forked from a server that has imported these (fast to start, nothing computed yet).
     # timm and peft are imported by the reference rows themselves: imported in the server, timm left the forked
     # processes' OpenMP pool at one thread.
     ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
     ctx.set_forkserver_preload(['__main__' if __name__ == '__main__' else __name__, 'torch', 'data', 'engine', 'lora',
-                                'models', 'finetune'])
+                                'models', 'finetune', 'pretrain_targets'])
     report = {'machine': {'cpu': cpu_name(), 'python': platform.python_version(), 'torch': torch.__version__,
                           'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                          'threads': args.threads, **versions()},
+                          'threads': args.threads, **found},
               'args': {k: v for k, v in vars(args).items() if k != 'missing'}, 'presets': []}
     if args.reference and args.missing:
         report['reference'] = f"not run: {' and '.join(args.missing)} not installed (pip install timm peft)"

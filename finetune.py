@@ -146,15 +146,22 @@ def build_model(cfg, run, num_classes, init):
             raise FileNotFoundError(f'finetune.targets: {path} does not exist: run pretrain_targets.py first '
                                     f'(or set finetune.init=random for plain PEFT)') from None
         run.log(f"targets: loaded {path} (pre-trained for {meta['steps']} steps, pretext {meta['pretext']})")
-    model = models.TaskModel(backbone, models.build_head(cfg, num_classes)).to(run.device)
+    model, counts = add_head(cfg, backbone, num_classes, init)
+    model.to(run.device)
+    run.log(f"parameters ({init}): total {counts['total']:,} | trainable {counts['trainable']:,} "
+            f"({100 * counts['trainable'] / counts['total']:.2f}%) | targets {counts['targets']:,}")
+    return model, counts
+
+
+def add_head(cfg, backbone, num_classes, init):
+    """TaskModel of the backbone (targets already inserted) and the task head, with exactly the parameters of this
+    init method trainable: the targets and the head, everything ('full') or the head alone ('linear')."""
+    model = models.TaskModel(backbone, models.build_head(cfg, num_classes))
     extra = model.head.parameters()
     if init == 'full':   # every parameter the forward uses (DDP needs that): segmentation skips the final norm
         extra = [p for n, p in model.named_parameters()
                  if not (cfg['finetune']['task'] == 'segmentation' and n.startswith('backbone.norm.'))]
-    counts = lora.mark_trainable(model, extra=list(extra))
-    run.log(f"parameters ({init}): total {counts['total']:,} | trainable {counts['trainable']:,} "
-            f"({100 * counts['trainable'] / counts['total']:.2f}%) | targets {counts['targets']:,}")
-    return model, counts
+    return model, lora.mark_trainable(model, extra=list(extra))
 
 
 def save_inference_model(run, model, cfg, num_classes):

@@ -65,6 +65,14 @@ def pretrained_backbone(cfg):
     return path
 
 
+def insert_targets(mae, cfg):
+    """Insert the targets into the encoder and freeze everything else explicitly: only the targets (and the decoder,
+    with pretrain.train_decoder) train. Returns lora.mark_trainable's parameter counts."""
+    lora.inject(mae, cfg['peft'])
+    decoder = [p for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
+    return lora.mark_trainable(mae, extra=decoder if cfg['pretrain']['train_decoder'] else ())
+
+
 @torch.no_grad()
 def save_reconstructions(run, mae, images, mask_ratio, dcfg):
     """PNG grid (and TensorBoard image): masked input / reconstruction (visible patches pasted back) / original."""
@@ -101,9 +109,7 @@ def main(args):
     fingerprint = lora.backbone_fingerprint(mae)                 # identifies the backbone the targets belong to
 
     # --- TPP: insert the targets into the encoder and freeze everything else explicitly
-    lora.inject(mae, cfg['peft'])
-    decoder = [p for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
-    counts = lora.mark_trainable(mae, extra=decoder if pcfg['train_decoder'] else ())
+    counts = insert_targets(mae, cfg)
     run.log(f"parameters: total {counts['total']:,} | targets {counts['targets']:,} ({counts['targets_pct']:.2f}%) | "
             f"trainable {counts['trainable']:,} (targets{' + decoder' if pcfg['train_decoder'] else ''}) | "
             f'{len(dataset)} training slices from {len(train_cases)} cases')
