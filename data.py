@@ -1,12 +1,12 @@
-"""Images, masks and labels for tpp: the built-in synthetic data and the layouts medical-imaging users already have.
+"""Images, masks and labels for tpp: read, check, split and slice the layouts medical-imaging users already have.
 
     cases, info = prepare(cfg['data'], cfg['run']['cache_dir'])    # list and validate every case before training
     splits = split_cases(cases, cfg['data'])                        # by case: train / val / test / labelled
     ds = SliceDataset(splits['train'], cfg['data'], img_size, in_chans, task='segmentation', train=True)
 
 Layouts (data.layout): msd (imagesTr/ + labelsTr/ [+ dataset.json]), csv (a manifest of image,label / image,mask),
-folder (root/<class>/*.png with x_mask.png beside x.png), and the built-in synthetic_ct / synthetic_us, which are
-generated once into run.cache_dir in the msd+csv and folder layouts and then read by the same readers as real data.
+folder (root/<class>/*.png with x_mask.png beside x.png), and the built-in synthetic_ct / synthetic_us, which
+synthetic.py writes once into run.cache_dir in the msd+csv and folder layouts; they are read here like real data.
 
 Volumes are reoriented to the closest canonical (RAS) orientation and cut into 2D slices along data.axis; a 2D image
 is one slice. Intensities go to [0, 1] (CT window, per-image percentiles, or as stored), then (x - mean) / std.
@@ -17,10 +17,7 @@ import csv
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-GENERATOR_VERSION = 1      # bump when a generator changes: the cache folder name changes, so the data is regenerated
-SYNTH_SEED = 0
-SYNTH_CT = dict(n_cases=64, shape=(96, 96, 28), spacing=(3.6, 3.6, 5.0))
-SYNTH_US = dict(n_per_class=100, size=128)
-CT_CLASSES = ['background', 'liver', 'lesion']
-CT_KINDS = ['cyst', 'metastasis']
-US_CLASSES = ['benign', 'malignant', 'normal']
+import synthetic
+
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 BODY_LEVEL = 0.05          # a pixel above this (after scaling to [0, 1]) counts as body for data.skip_empty
 SPLITS = ('train', 'val', 'test')
@@ -58,7 +50,7 @@ class Case:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading files: decoded once per process, kept in an LRU cache of data.cache_mb
+# Reading files
 # ----------------------------------------------------------------------------------------------------------------
 
 def is_nifti(path) -> bool:
@@ -119,55 +111,38 @@ def _read(path: Path, mask: bool):
     return arr, affine
 
 
-class _LRU:
-    """Decoded arrays by (path, is_mask), least recently used dropped beyond `limit` bytes."""
+def load(path, mask=False):
+    """(array, canonical affine or None) of an image or mask file, decoded now (SliceDataset keeps its own cache)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f'{path}: file not found')
+    return _read(path, mask)
 
-    def __init__(self, limit=2 ** 31):
+
+def load_mask(case: Case, read=load) -> np.ndarray:
+    """The case's mask, its extra masks merged by maximum; `read` is `load` or a caching equivalent."""
+    m = read(case.mask, mask=True)[0]
+    for extra in case.extra_masks:
+        m = np.maximum(m, read(extra, mask=True)[0])
+    return m
+
+
+class _LRU:
+    """Decoded arrays by key, least recently used dropped beyond `limit` bytes."""
+
+    def __init__(self, limit):
         self.items, self.nbytes, self.limit = OrderedDict(), 0, limit
 
-    def get(self, key, load):
+    def get(self, key, make):
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
-        value = self.items[key] = load()
+        value = self.items[key] = make()
         self.nbytes += value[0].nbytes
         while self.nbytes > self.limit and len(self.items) > 1:
             old = self.items.popitem(last=False)[1]
             self.nbytes -= old[0].nbytes
         return value
-
-
-_CACHE = _LRU()
-_RANGES = {}  # (path, mtime, size, intensity settings) -> (lo, hi): percentiles need the whole image: once per file
-
-
-def load(path, mask=False):
-    """(array, canonical affine or None) of an image or mask file, decoded once per process (again if the file
-    changes: the key holds its modification time and size)."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise DataError(f'{path}: file not found') from None
-    return _CACHE.get((str(path), mask, st.st_mtime_ns, st.st_size), lambda: _read(path, mask))
-
-
-def is_volume(path) -> bool:
-    """True for a 3D image (sliced along data.axis), False for a 2D one (a single slice)."""
-    return load(path)[0].ndim == 3
-
-
-def load_mask(case: Case) -> np.ndarray:
-    m = load(case.mask, mask=True)[0]
-    for extra in case.extra_masks:
-        m = np.maximum(m, load(extra, mask=True)[0])
-    return m
-
-
-def case_affine(case: Case) -> np.ndarray:
-    """Canonical (RAS) affine of a volume case, for saving predicted masks as NIfTI; identity for PNG/JPEG."""
-    affine = load(case.image)[1]
-    return np.eye(4) if affine is None else affine
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,15 +318,13 @@ def read_folder(root: Path, suffix: str):
 
 def prepare(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
     """Resolve data.layout (synthetic sets are written to cache_dir on first use), list and validate every case.
-    Returns (cases, info) with info keys num_classes_seg (incl. background) or None, num_classes_cls or None,
-    class_names, label_names, is_volume, root."""
-    _CACHE.limit = int(dcfg['cache_mb']) * 2 ** 20
+    Returns (cases, info) with info keys num_classes_seg (incl. background) or None and num_classes_cls or None."""
     layout, root = dcfg['layout'], dcfg.get('root')
     if layout == 'synthetic_ct':
-        root = synthetic_root('ct', cache_dir)
+        root = synthetic.synthetic_root('ct', cache_dir)
         cases, names = read_csv(root / 'manifest.csv')
     elif layout == 'synthetic_us':
-        root = synthetic_root('us', cache_dir)
+        root = synthetic.synthetic_root('us', cache_dir)
         cases, names = read_folder(root, '_mask')
         names['class_names'] = ['background', 'lesion']
     elif layout in ('msd', 'csv', 'folder'):
@@ -364,13 +337,12 @@ def prepare(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
         raise DataError(f'data.layout: {layout!r} is not one of synthetic_ct | synthetic_us | msd | csv | folder')
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
-    info = validate(cases, names, dcfg)
-    info['root'] = str(root)
-    return cases, info
+    return cases, validate(cases, names, dcfg)
 
 
 def validate(cases: list[Case], names: dict, dcfg: dict) -> dict:
-    """Decode every file once (they stay cached) and check it; the first problem raises a DataError naming the file."""
+    """Decode every file once and check it; the first problem raises a DataError naming the file. Returns the class
+    counts: names from dataset.json / class folders / label names when there are some, else the largest value + 1."""
     if dcfg['intensity'] == 'window':
         flat = [c.image for c in cases if not is_nifti(c.image)]
         if flat:
@@ -378,12 +350,11 @@ def validate(cases: list[Case], names: dict, dcfg: dict) -> dict:
                             f'image file; set data.intensity: percentile (or none)')
     configured = dcfg.get('num_classes')
     seg_k = configured or (len(names['class_names']) if names['class_names'] else None)
-    mask_max, any_volume = -1, False
+    mask_max = -1
     for c in cases:
         if not c.image.exists():
             raise DataError(f'{c.image}: image file not found (case {c.id})')
         image, affine = load(c.image)
-        any_volume |= image.ndim == 3
         if c.mask is None:
             continue
         for path in (c.mask, *c.extra_masks):
@@ -416,11 +387,7 @@ def validate(cases: list[Case], names: dict, dcfg: dict) -> dict:
                 raise DataError(f'{c.image}: label {c.label} outside the {cls_k} classes 0..{cls_k - 1} '
                                 f'(data.num_classes)')
     seg_k = seg_k or (max(mask_max + 1, 2) if mask_max >= 0 else None)
-    seg_names = ['background'] + [str(i) for i in range(1, seg_k)] if seg_k else None
-    return {'num_classes_seg': seg_k, 'num_classes_cls': cls_k,
-            'class_names': names['class_names'] or seg_names,
-            'label_names': names['label_names'] or ([str(i) for i in range(cls_k)] if cls_k else None),
-            'is_volume': any_volume}
+    return {'num_classes_seg': seg_k, 'num_classes_cls': cls_k}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -523,14 +490,16 @@ def resize(image: torch.Tensor, mask: torch.Tensor | None, size: int):
 
 class SliceDataset(torch.utils.data.Dataset):
     """2D slices of the cases. task: None (images only, stage 1: applies data.skip_empty), 'classification' (every
-    slice of a volume carries its case label) or 'segmentation'. Items are ordered by case, then slice."""
+    slice of a volume carries its case label) or 'segmentation'. Items are ordered by case, then slice. Decoded files
+    stay in the dataset's own cache of data.cache_mb (each DataLoader worker has its copy)."""
 
-    def __init__(self, cases, dcfg, img_size, in_chans, task, train, num_classes=None):
+    def __init__(self, cases, dcfg, img_size, in_chans, task, train):
         if task not in (None, 'classification', 'segmentation'):
             raise DataError(f'task: {task!r} is not one of None | classification | segmentation')
         _check_norm(dcfg, in_chans)
         self.cases, self.dcfg, self.size, self.in_chans = list(cases), dcfg, img_size, in_chans
         self.task, self.train, self.axis = task, train, dcfg['axis']
+        self.files, self.ranges = _LRU(int(dcfg['cache_mb']) * 2 ** 20), {}   # decoded arrays; (lo, hi) per image
         if self.axis not in (0, 1, 2):
             raise DataError(f"data.axis: {self.axis} must be 0, 1 or 2")
         need = {'classification': 'label', 'segmentation': 'mask'}.get(task)
@@ -539,7 +508,7 @@ class SliceDataset(torch.utils.data.Dataset):
                 raise DataError(f'{c.image}: no {need} for task {task}')
         self.index, self.skipped = [], 0  # index: (case index, slice index); skipped: near-empty slices dropped
         for ci, c in enumerate(self.cases):
-            arr = load(c.image)[0]
+            arr = self.load(c.image)[0]
             n = arr.shape[self.axis] if arr.ndim == 3 else 1
             keep = np.ones(n, bool)
             if task is None and dcfg['skip_empty'] > 0:
@@ -549,21 +518,15 @@ class SliceDataset(torch.utils.data.Dataset):
         if not self.index:
             raise DataError(f'data.skip_empty: {dcfg["skip_empty"]} leaves no slice in {len(self.cases)} cases'
                             if self.cases else 'no cases for this dataset (empty split)')
-        if task is None:
-            self.num_classes = None
-        elif num_classes or dcfg.get('num_classes'):
-            self.num_classes = num_classes or dcfg['num_classes']
-        elif task == 'classification':  # better pass info['num_classes_cls']: a subset may miss the last class
-            self.num_classes = max(c.label for c in self.cases) + 1
-        else:
-            self.num_classes = max(int(load_mask(c).max()) for c in self.cases) + 1
+
+    def load(self, path, mask=False):
+        return self.files.get((str(path), mask), lambda: load(path, mask))
 
     def _range(self, path, arr):
-        d, st = self.dcfg, Path(path).stat()
-        key = (str(path), st.st_mtime_ns, st.st_size, d['intensity'], tuple(d['window']), tuple(d['percentile']))
-        if key not in _RANGES:
-            _RANGES[key] = intensity_range(arr, d)
-        return _RANGES[key]
+        """[lo, hi] of one image, computed once (percentiles need the whole volume)."""
+        if path not in self.ranges:
+            self.ranges[path] = intensity_range(arr, self.dcfg)
+        return self.ranges[path]
 
     def _body_fraction(self, path, arr):
         """Per slice: fraction of pixels above BODY_LEVEL after intensity scaling."""
@@ -583,12 +546,12 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ci, s = self.index[i]
         case = self.cases[ci]
-        arr = load(case.image)[0]
+        arr = self.load(case.image)[0]
         x = torch.from_numpy(take_slice(arr, self.axis, s).astype(np.float32))
         x = to_unit(x, *self._range(case.image, arr))[None, None]  # (1, 1, H, W)
         m = None
         if self.task == 'segmentation':
-            m = torch.from_numpy(take_slice(load_mask(case), self.axis, s).astype(np.float32))[None, None]
+            m = torch.from_numpy(take_slice(load_mask(case, self.load), self.axis, s).astype(np.float32))[None, None]
         x, m = resize(x, m, self.size)
         if self.train:
             x, m = warp(x, m, random_affine(self.dcfg['augment']))
@@ -599,286 +562,3 @@ class SliceDataset(torch.utils.data.Dataset):
         elif self.task == 'segmentation':
             item['mask'] = m[0, 0].round().to(torch.int64)  # (S, S)
         return item
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic data: seeded generators writing real files, cached by version + seed + sizes
-# ----------------------------------------------------------------------------------------------------------------
-
-def synthetic_root(kind: str, cache_dir, seed=SYNTH_SEED, **sizes) -> Path:
-    """Folder of a synthetic set ('ct', 'us' or 'upstream'), written on first use. The name holds the generator
-    version, seed and sizes, so changed parameters regenerate; a temporary folder renamed at the end means a crash
-    leaves no half data set, and of two processes writing at once (torchrun ranks) the first rename wins."""
-    writer, defaults = {'ct': (write_synthetic_ct, SYNTH_CT), 'us': (write_synthetic_us, SYNTH_US),
-                        'upstream': (write_upstream, {})}[kind]
-    sizes = {**defaults, **sizes}
-    tag = '-'.join(f'{k}{"x".join(map(str, v)) if isinstance(v, (tuple, list)) else v}' for k, v in sizes.items())
-    final = Path(cache_dir) / f'synthetic_{kind}-v{GENERATOR_VERSION}-seed{seed}-{tag}'
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}.', dir=final.parent))
-    try:
-        writer(tmp, seed=seed, **sizes)
-        os.rename(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
-
-
-def _smooth(x: np.ndarray, sigma_px) -> np.ndarray:
-    """Gaussian filter over the first two axes by FFT (periodic edges do not matter for noise and soft edges)."""
-    fy = np.fft.fftfreq(x.shape[0])[:, None]
-    fx = np.fft.rfftfreq(x.shape[1])[None, :]
-    sy, sx = (sigma_px, sigma_px) if np.isscalar(sigma_px) else sigma_px
-    gain = np.exp(-2 * np.pi ** 2 * ((sy * fy) ** 2 + (sx * fx) ** 2))
-    if x.ndim == 3:
-        gain = gain[..., None]
-    out = np.fft.irfft2(np.fft.rfft2(x, axes=(0, 1)) * gain, s=x.shape[:2], axes=(0, 1))
-    return out.astype(np.float32)
-
-
-def _blob(px, py, pz, rng, roughness):
-    """Inside test of an ellipsoid-like blob in its own normalised coordinates, its outline perturbed by angular
-    harmonics (0: smooth, larger: lobulated). Returns the normalised radius (< 1 inside)."""
-    r = np.sqrt(px ** 2 + py ** 2 + pz ** 2)
-    phi = np.arctan2(py, px)
-    edge = 1.0
-    for k in (2, 3, 5):
-        edge = edge + roughness * rng.uniform(0.3, 1.0) / k * 2 * np.sin(k * phi + rng.uniform(0, 2 * np.pi))
-    return r / edge
-
-
-def _ct_case(rng, shape, spacing, kind):
-    """One CT-like abdomen in canonical RAS voxel order: (HU int16 volume, uint8 mask 0 bg / 1 liver / 2 lesion)."""
-    nx, ny, nz = shape
-    x = ((np.arange(nx) - (nx - 1) / 2) * spacing[0]).astype(np.float32)[:, None, None]  # mm, + = patient right
-    y = ((np.arange(ny) - (ny - 1) / 2) * spacing[1]).astype(np.float32)[None, :, None]  # + = anterior
-    z = ((np.arange(nz) - (nz - 1) / 2) * spacing[2]).astype(np.float32)[None, None, :]  # + = superior
-    half = np.array(shape) * spacing / 2
-    zn = z / half[2]
-    ax, ay = rng.uniform(0.82, 0.92) * half[0] * (1 - 0.04 * zn), rng.uniform(0.58, 0.68) * half[0] * (1 - 0.03 * zn)
-
-    def ellipse(cx, cy, rx, ry):
-        return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1
-
-    hu = np.full(shape, -1000.0, np.float32)
-    fat = rng.uniform(8, 20)
-    hu[np.broadcast_to(ellipse(0, 0, ax, ay), shape)] = -100                  # subcutaneous fat
-    hu[np.broadcast_to(ellipse(0, 0, ax - fat, ay - fat), shape)] = 45         # abdominal wall muscle
-    inner = np.broadcast_to(ellipse(0, 0, ax - fat - 8, ay - fat - 8), shape)
-    hu[inner] = -85                                                            # visceral fat
-    for _ in range(rng.integers(6, 12)):                                       # bowel loops, some with gas
-        cx, cy, r = rng.uniform(-0.6, 0.3) * ax, rng.uniform(-0.1, 0.7) * ay, rng.uniform(8, 22)
-        loop = inner & ((x - cx) ** 2 + (y - cy) ** 2 + ((z - rng.uniform(-1, 1) * half[2]) / 2) ** 2 < r ** 2)
-        hu[loop] = rng.uniform(15, 40)
-        hu[loop & ((x - cx) ** 2 + (y - cy - 0.4 * r) ** 2 < (0.4 * r) ** 2)] = -900
-    # liver: a large lobulated organ on the patient's right, through every slice
-    lx, ly = rng.uniform(0.28, 0.38) * ax, rng.uniform(-0.05, 0.15) * ay
-    liver = inner & (_blob((x - lx) / (0.55 * ax), (y - ly) / (0.62 * ay), z / (1.6 * half[2]), rng, 0.12) < 1)
-    liver_hu = rng.uniform(55, 70)
-    hu[liver] = liver_hu
-    # distractors of liver-like density: spleen (upper slices), kidneys, vessels, spine, ribs
-    spleen = inner & ~liver & ellipse(-0.55 * ax, -0.3 * ay, 0.2 * ax, 0.3 * ay) & (zn > -0.3)
-    hu[spleen] = liver_hu + rng.uniform(-5, 10)
-    for side in (-1, 1):
-        kx, ky = side * 0.36 * ax, -0.48 * ay
-        hu[inner & ~liver & ellipse(kx, ky, 0.13 * ax, 0.2 * ay) & (zn < 0.4)] = rng.uniform(140, 180)
-        hu[inner & ~liver & ellipse(kx - side * 3, ky, 0.06 * ax, 0.1 * ay) & (zn < 0.4)] = 40
-    hu[np.broadcast_to(ellipse(-0.08 * ax, -0.42 * ay, 10, 10), shape)] = rng.uniform(140, 200)  # aorta
-    hu[np.broadcast_to(ellipse(0.12 * ax, -0.36 * ay, 11, 9), shape) & ~liver] = 90              # vena cava
-    vert_y = -0.75 * ay
-    disc = np.cos(2 * np.pi * z / rng.uniform(28, 34) + rng.uniform(0, 6.3)) > 0.8
-    body = np.broadcast_to(ellipse(0, vert_y, 16, 14), shape)
-    hu[body] = np.where(np.broadcast_to(disc, shape), 80, 250)[body]
-    hu[np.broadcast_to(ellipse(0, vert_y, 16, 14) & ~ellipse(0, vert_y, 13, 11), shape)
-       & ~np.broadcast_to(disc, shape)] = 700                                                   # cortical rim
-    hu[np.broadcast_to(ellipse(0, vert_y - 22, 5, 9), shape)] = 600                             # spinous process
-    for angle in np.linspace(0.6, 2.5, 5):
-        for side in (-1, 1):
-            rx, ry = side * np.cos(angle) * (ax - fat - 4), -np.sin(angle * 0.8) * (ay - fat - 4) * 0.9
-            present = np.sin(2 * np.pi * z / 40 + rng.uniform(0, 6.3)) > 0.2
-            hu[np.broadcast_to(ellipse(rx, ry, 5, 5) & present, shape)] = 650
-    # lesions of one kind per case, spread along z so that most liver slices show one
-    mask = liver.astype(np.uint8)
-    n_lesions = rng.integers(3, 6)
-    zs = (np.linspace(-0.75, 0.75, n_lesions) + rng.uniform(-0.12, 0.12, n_lesions)) * half[2]
-    liver_idx = np.argwhere(liver)
-    texture = _smooth(rng.normal(0, 1, shape).astype(np.float32), 1.5) if kind == 1 else None
-    if texture is not None:
-        texture /= texture.std()
-    for zc in zs:
-        near = liver_idx[np.abs(liver_idx[:, 2] - (zc / spacing[2] + (nz - 1) / 2)) < 1.5]
-        if len(near) == 0:
-            continue
-        cx, cy, _ = (near[rng.integers(len(near))] - (np.array(shape) - 1) / 2) * spacing
-        r = rng.uniform(16, 36)
-        if kind == 0:   # cyst: round, sharp, homogeneous, near water density
-            rho = _blob((x - cx) / r, (y - cy) / (r * rng.uniform(0.8, 1.2)), (z - zc) / (r * 1.1), rng, 0.03)
-            lesion = liver & (rho < 1)
-            hu[lesion] = rng.uniform(0, 25)
-        else:           # metastasis: lobulated, heterogeneous, enhancing rim, sometimes a necrotic centre
-            rho = _blob((x - cx) / r, (y - cy) / (r * rng.uniform(0.8, 1.2)), (z - zc) / (r * 1.1), rng, 0.35)
-            lesion = liver & (rho < 1)
-            core = liver_hu - rng.uniform(15, 40) + texture * rng.uniform(10, 25)
-            core = np.where(rho < rng.uniform(0.2, 0.45), core - 20, core)
-            core = np.where(rho > 0.7, core + rng.uniform(20, 45), core)
-            hu[lesion] = core[lesion]
-        mask[lesion] = 2
-    hu = _smooth(hu, 0.6)  # partial-volume blur of edges
-    noise = _smooth(rng.normal(0, 1, shape).astype(np.float32), 1.0)  # CT noise is spatially correlated
-    hu += noise / noise.std() * rng.uniform(10, 18)
-    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), mask
-
-
-def write_synthetic_ct(root, n_cases=64, shape=(96, 96, 28), spacing=(3.6, 3.6, 5.0), seed=SYNTH_SEED):
-    """CT-like abdomens as a real MSD tree (imagesTr/, labelsTr/, dataset.json) plus manifest.csv (image,mask,label,
-    label = lesion kind). Volumes are stored in LPS-like voxel order, as many DICOM converters do, so reading them
-    exercises the reorientation to canonical."""
-    root = Path(root)
-    (root / 'imagesTr').mkdir(parents=True)
-    (root / 'labelsTr').mkdir()
-    ras = np.diag([*spacing, 1.0])
-    ras[:3, 3] = -(np.array(shape) - 1) / 2 * spacing
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    flip[:2, 3] = [shape[0] - 1, shape[1] - 1]  # stored voxel i is canonical voxel nx-1-i (same for j)
-    stored_affine = ras @ flip
-    rows = []
-    for i in range(n_cases):
-        kind = i % 2
-        hu, mask = _ct_case(np.random.default_rng([seed, i]), tuple(shape), np.array(spacing, np.float32), kind)
-        name = f'ct_{i:03d}.nii.gz'
-        for arr, folder in ((hu, 'imagesTr'), (mask, 'labelsTr')):
-            img = nib.Nifti1Image(np.ascontiguousarray(arr[::-1, ::-1]), stored_affine)
-            img.header.set_xyzt_units('mm')
-            nib.save(img, root / folder / name)
-        rows.append((f'imagesTr/{name}', f'labelsTr/{name}', CT_KINDS[kind]))
-    (root / 'dataset.json').write_text(json.dumps({
-        'name': 'tpp synthetic CT', 'description': f'generated by tpp data.py v{GENERATOR_VERSION}, seed {seed}',
-        'tensorImageSize': '3D', 'modality': {'0': 'CT'},
-        'labels': {str(i): n for i, n in enumerate(CT_CLASSES)}, 'numTraining': n_cases, 'numTest': 0,
-        'training': [{'image': f'./{r[0]}', 'label': f'./{r[1]}'} for r in rows], 'test': []}, indent=1))
-    with open(root / 'manifest.csv', 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['image', 'mask', 'label'])
-        w.writerows(rows)
-
-
-def _us_image(rng, kind, size):
-    """One breast-ultrasound-like B-mode image (uint8) and its lesion mask (bool). kind: 0 benign, 1 malignant,
-    2 normal (as BUSI's class folders, sorted)."""
-    d = np.linspace(0, 1, size, dtype=np.float32)[:, None]   # depth (rows)
-    x = np.linspace(0, 1, size, dtype=np.float32)[None, :]   # lateral (columns)
-
-    def wave(amp):  # a gentle lateral undulation of a tissue boundary
-        return amp * np.sin(2 * np.pi * (rng.uniform(0.5, 1.5) * x + rng.uniform(0, 1)))
-    d1, d2 = rng.uniform(0.18, 0.3) + wave(0.03), rng.uniform(0.72, 0.85) + wave(0.04)
-    echo = np.where(d < 0.035, 1.6, 0.0) + 0 * x
-    echo = np.where((d >= 0.035) & (d < d1), 0.35, echo)                               # subcutaneous fat
-    bands = 0.8 + 0.25 * np.sin(2 * np.pi * (d * rng.uniform(6, 12) + wave(0.08)))     # fibroglandular layers
-    echo = np.where((d >= d1) & (d < d2), bands, echo)
-    echo = np.where(d >= d2, 0.55 + 0.25 * np.sin(2 * np.pi * d * 40 + wave(1.0)), echo)  # pectoral muscle
-    for _ in range(rng.integers(2, 5)):                                               # Cooper's ligaments
-        x0, slope = rng.uniform(0, 1), rng.uniform(-1.5, 1.5)
-        echo = np.where((np.abs(x - x0 - slope * d) < 0.006) & (d < d1 + 0.05), 1.4, echo)
-    for _ in range(rng.integers(1, 4)):  # hypoechoic fat lobules: lesion-like distractors in every class
-        cx, cy, a = rng.uniform(0.1, 0.9), rng.uniform(d1.mean(), 0.7), rng.uniform(0.04, 0.12)
-        echo = np.where(((x - cx) / a) ** 2 + ((d - cy) / (a * rng.uniform(0.4, 0.8))) ** 2 < 1,
-                        rng.uniform(0.3, 0.55), echo)
-    mask = np.zeros((size, size), bool)
-    if kind in (0, 1):
-        # the BI-RADS cues overlap between classes on purpose: benign is usually oval, wider than tall, smooth, with
-        # posterior enhancement; malignant usually irregular, rounder, heterogeneous, with a shadow and a halo
-        cx, cy, a = rng.uniform(0.3, 0.7), rng.uniform(0.35, 0.6), rng.uniform(0.08, 0.2)  # a: half width
-        b = a / (rng.uniform(1.2, 2.0) if kind == 0 else rng.uniform(0.8, 1.4))            # half height
-        px, py = (x - cx) / a, (d - cy) / b
-        phi = np.arctan2(py, px)
-        lobes = rng.uniform(0.0, 0.08) if kind == 0 else rng.uniform(0.04, 0.15)
-        edge = 1 + lobes * np.sin(rng.integers(3, 6) * phi + rng.uniform(0, 6.3))
-        if kind == 1:  # spiculated margin, from barely to clearly
-            edge = edge + rng.uniform(0.0, 0.25) * np.maximum(0, np.sin(rng.integers(9, 15) * phi +
-                                                                          rng.uniform(0, 6.3))) ** 6
-        rho = np.sqrt(px ** 2 + py ** 2) / edge
-        mask = rho < 1
-        behind = (np.abs(x - cx) < 0.8 * a) & (d > cy + b)
-        blotch = _smooth(rng.normal(0, 1, (size, size)), size / 40) * 3
-        heterogeneity = rng.uniform(0.0, 0.05) if kind == 0 else rng.uniform(0.05, 0.15)
-        level = rng.uniform(0.1, 0.35) if kind == 0 else rng.uniform(0.05, 0.3)
-        echo = np.where(mask, np.clip(level + heterogeneity * blotch, 0.02, 0.6), echo)
-        if kind == 1:
-            echo = np.where((rho >= 1) & (rho < 1.25), echo * rng.uniform(1.0, 1.5), echo)  # echogenic halo
-        posterior = rng.uniform(1.0, 1.4) if kind == 0 else rng.uniform(0.4, 1.0)      # enhancement / shadow
-        echo = np.where(behind & ~mask, echo * posterior, echo)
-    echo = echo * np.exp(-rng.uniform(0.3, 1.2) * d)                      # attenuation left after gain control
-    # speckle: complex Gaussian scatterers blurred by an anisotropic point spread function, envelope detected
-    scatter = rng.normal(0, 1, (size, size)) + 1j * rng.normal(0, 1, (size, size))
-    psf = (0.8, 1.8)  # (axial, lateral) in pixels
-    env = np.abs(_smooth(scatter.real, psf) + 1j * _smooth(scatter.imag, psf))
-    b_mode = np.log1p(12 * _smooth(echo, 1.0) * env / env.mean()) / np.log1p(12 * 3)  # log compression
-    return np.clip(b_mode * rng.uniform(200, 250), 0, 255).astype(np.uint8), mask
-
-
-def write_synthetic_us(root, n_per_class=100, size=128, seed=SYNTH_SEED):
-    """Ultrasound-like 2D images in BUSI-like class folders: <class>/<class>_NNN.png and <class>_NNN_mask.png
-    (0/255; all 0 for normal)."""
-    root = Path(root)
-    for k, cls in enumerate(US_CLASSES):
-        (root / cls).mkdir(parents=True)
-        for i in range(n_per_class):
-            image, mask = _us_image(np.random.default_rng([seed, k, i]), k, size)
-            Image.fromarray(image).save(root / cls / f'{cls}_{i:03d}.png')
-            Image.fromarray(mask.astype(np.uint8) * 255).save(root / cls / f'{cls}_{i:03d}_mask.png')
-
-
-def _upstream_image(rng, size):
-    """A 'dead leaves' image: overlapping discs, squares and stripes of flat or textured grey with sharp edges; an
-    appearance far from CT and ultrasound (no anatomy, no speckle) for the bootstrap backbone."""
-    k = int(rng.integers(20, 50))
-    yy, xx = np.mgrid[0:1:size * 1j, 0:1:size * 1j].astype(np.float32)
-    cx, cy = rng.uniform(-0.1, 1.1, (2, k, 1, 1)).astype(np.float32)
-    r = (0.03 + 0.35 * rng.uniform(0, 1, (k, 1, 1)) ** 2).astype(np.float32)  # many small leaves, few large
-    shape = rng.integers(0, 3, (k, 1, 1))
-    disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
-    square = np.maximum(np.abs(xx - cx), np.abs(yy - cy)) < r
-    bar = np.abs((xx - cx) * np.cos(r * 20) + (yy - cy) * np.sin(r * 20)) < r / 4
-    inside = np.where(shape == 0, disc, np.where(shape == 1, square, bar))  # (k, S, S)
-    freq, angle = rng.uniform(5, 30, (2, k, 1, 1)).astype(np.float32)
-    grating = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
-    striped = rng.uniform(0, 0.3, (k, 1, 1)) * (rng.uniform(0, 1, (k, 1, 1)) < 0.4)  # 40% of leaves are striped
-    value = rng.uniform(0, 1, (k, 1, 1)) + striped * grating
-    top = k - 1 - np.argmax(inside[::-1], axis=0)  # painter's order: the last leaf over a pixel is the one seen
-    img = np.take_along_axis(value, top[None], axis=0)[0]
-    img = np.where(inside.any(0), img, rng.uniform(0, 1))
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-def write_upstream(root, n=2000, size=64, seed=SYNTH_SEED):
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(_upstream_image(np.random.default_rng([seed, i]), size)).save(root / f'up_{i:05d}.png')
-
-
-class _Upstream(torch.utils.data.Dataset):
-    def __init__(self, files, dcfg, img_size, in_chans):
-        _check_norm(dcfg, in_chans)
-        self.images = torch.from_numpy(np.stack([np.array(Image.open(p)) for p in files]))  # (N, s, s) uint8
-        self.dcfg, self.size, self.in_chans = dcfg, img_size, in_chans
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = resize(self.images[i][None, None].float() / 255, None, self.size)[0][0]  # (1, S, S)
-        return {'image': normalize(x.expand(self.in_chans, -1, -1), self.dcfg['mean'], self.dcfg['std'])}
-
-
-def upstream_dataset(dcfg, cache_dir, n, img_size, in_chans, seed) -> torch.utils.data.Dataset:
-    """The synthetic upstream images (domain shift) for the bootstrap MAE: items {'image': (C, S, S)}, 8-bit grey
-    over 255 then data.mean / data.std like SliceDataset. Written once as a PNG folder in cache_dir."""
-    root = synthetic_root('upstream', cache_dir, seed=seed, n=n, size=img_size)
-    return _Upstream(sorted(root.glob('*.png')), dcfg, img_size, in_chans)

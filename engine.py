@@ -100,7 +100,7 @@ class Run:
 
     def __init__(self, cfg, name, resume=False, replace=False):
         self.cfg, self.resume = cfg, resume
-        self.device = _pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0)))
+        self.device = pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0)))
         self.rank, self.world = _init_distributed(self.device)
         self.amp = _pick_amp(cfg['run']['amp'], self.device)
         self.dir = Path(cfg['run']['out_dir']) / name
@@ -159,7 +159,7 @@ def _init_distributed(device):
     return dist.get_rank(), world
 
 
-def _pick_device(name, local_rank):
+def pick_device(name, local_rank):
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name == 'cuda':

@@ -24,7 +24,7 @@ import data
 import engine
 import lora
 import models
-from pretrain_targets import pretrained_backbone
+import pretrain_backbone
 
 INITS = ('tpp', 'random', 'full', 'linear')
 
@@ -128,9 +128,8 @@ def volumes(dataset):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def build_model(cfg, run, num_classes, init):
+def build_model(cfg, run, backbone_path, num_classes, init):
     """Backbone (+ targets) + task head, with exactly the parameters of this init method trainable."""
-    backbone_path = pretrained_backbone(cfg)
     backbone = models.build_backbone(cfg)
     run.log(models.load_checkpoint(backbone, backbone_path))
     fingerprint = lora.backbone_fingerprint(backbone)
@@ -168,9 +167,7 @@ def save_inference_model(run, model, cfg, num_classes):
     """model.pth: the fine-tuned model for inference. With finetune.merge_lora the LoRA updates are folded into the
     backbone weights and the LoRA factors dropped, so it loads into a plain ViT (adapters, if any, stay)."""
     merged = cfg['finetune']['merge_lora'] and any(isinstance(m, lora.LoRALinear) for m in model.modules())
-    if merged:
-        lora.merge(model)
-    sd = {k: v for k, v in model.state_dict().items() if not (merged and '.lora.' in k)}
+    sd = lora.merged_state_dict(model) if merged else model.state_dict()
     engine.atomic_save({'model': sd, 'arch': models.vit_kwargs(cfg['model']), 'task': cfg['finetune']['task'],
                         'num_classes': num_classes, 'lora_merged': merged, 'config': cfg}, run.dir / 'model.pth')
 
@@ -193,12 +190,14 @@ def save_predictions(run, model, loader, dcfg):
         return
     out.mkdir(exist_ok=True)
     for c, slices in preds.items():
-        case, shape = dataset.cases[c], data.load(dataset.cases[c].image)[0].shape
+        case = dataset.cases[c]
+        image, affine = dataset.load(case.image)                                         # canonical grid
+        shape = image.shape
         vol = torch.from_numpy(np.stack([slices[i] for i in sorted(slices)])).float()   # (S, h, w) model grid
         plane = [n for i, n in enumerate(shape) if i != axis] if len(shape) == 3 else list(shape)
         vol = F.interpolate(vol[None], size=plane, mode='nearest-exact')[0].to(torch.uint8).numpy()  # (S, H, W)
         if len(shape) == 3:
-            nib.save(nib.Nifti1Image(np.moveaxis(vol, 0, axis), data.case_affine(case)), out / f'{case.id}_pred.nii.gz')
+            nib.save(nib.Nifti1Image(np.moveaxis(vol, 0, axis), affine), out / f'{case.id}_pred.nii.gz')
         else:
             Image.fromarray(vol[0]).save(out / f'{case.id}_pred.png')
     first = next(iter(preds))
@@ -217,7 +216,7 @@ def main(args):
         raise engine.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
     if task not in ('classification', 'segmentation'):
         raise engine.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
-    pretrained_backbone(cfg)                                        # bootstrap (once) before the run folder exists
+    backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume)
     start = time.time()
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])
@@ -226,12 +225,12 @@ def main(args):
         raise engine.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
                                  f"{'labels' if task == 'classification' else 'masks'}")
     splits = data.split_cases(cases, dcfg)
-    size, chans = cfg['model']['img_size'], cfg['model']['in_chans']
-    sets = {s: data.SliceDataset(splits[s], dcfg, size, chans, task, train=s == 'labelled', num_classes=num_classes)
+    arch = models.vit_kwargs(cfg['model'])
+    sets = {s: data.SliceDataset(splits[s], dcfg, arch['img_size'], arch['in_chans'], task, train=s == 'labelled')
             for s in ('labelled', 'val', 'test')}
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
-    model, counts = build_model(cfg, run, num_classes, init)
+    model, counts = build_model(cfg, run, backbone_path, num_classes, init)
 
     loader = engine.make_loader(run, sets['labelled'], fcfg['batch_size'], train=True)
     val_loader, test_loader = (engine.make_loader(run, sets[s], fcfg['batch_size'], train=False) for s in ('val', 'test'))

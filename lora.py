@@ -65,8 +65,6 @@ class LoRA(Target):
     def forward(self, x, y):
         """Add the update to the base layer's output y (..., out) computed from input x (..., in)."""
         a = (self.dropout(x) @ self.A.t()) * self.scaling                     # (..., g*r): scale the narrow side
-        if self.groups == 1 and self.rows is None:                             # y + a B^T in one addmm, without
-            return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), self.B.t()).view_as(y)  # (..., out) temporaries
         a = a.unflatten(-1, (self.groups, self.r))                             # (..., g, r): one pair per slice
         delta = torch.einsum('...gr,gdr->...gd', a, self.B.view(self.groups, self.width, self.r)).flatten(-2)
         return y + delta if self.rows is None else y.index_add(-1, self.rows, delta.to(y.dtype))
@@ -269,6 +267,14 @@ def unmerge(model):
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.unmerge()
+
+
+def merged_state_dict(model):
+    """The inference export: every LoRA update folded into its base weight (in place), the LoRA factors left out, so
+    the backbone's keys are those of a plain ViT. Adapters (non-linear) stay. Chosen by module type, like the rest."""
+    merge(model)
+    factors = {name for name, m in model.named_modules() if isinstance(m, LoRA)}
+    return {k: v for k, v in model.state_dict().items() if k.rsplit('.', 1)[0] not in factors}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -569,7 +569,7 @@ def _adapt(key, value, shape, patch_size):
     raise CheckpointError(f'{key}: checkpoint shape {tuple(value.shape)} does not fit the model shape {tuple(shape)}')
 
 
-def load_checkpoint(model, ckpt, ignore_missing=()):
+def load_checkpoint(model, ckpt):
     """Load a real checkpoint into a VisionTransformer or MaskedAutoencoder; return a one-line report.
 
     ckpt: a path or a dict: {'model': sd} (official MAE, encoder-only or with decoder; tpp, a TaskModel's
@@ -577,16 +577,14 @@ def load_checkpoint(model, ckpt, ignore_missing=()):
     decoder_pos_embed are interpolated to the model's patch grid; input channels are adapted (see
     _adapt_patch_embed, _adapt_decoder_pred). The decoder is loaded when both have one; an encoder-only checkpoint
     leaves a model's decoder as initialised. Checkpoint keys outside the model's modules (head.*, fc_norm.*, a
-    decoder the model lacks) are ignored and reported. ignore_missing: names, or a predicate on names, of model
-    keys the checkpoint may lack (for instance PEFT modules injected before loading). Anything else missing, a
-    checkpoint key inside the model's modules that the model lacks, or a shape that cannot be adapted raises
-    CheckpointError naming the key and the shapes.
+    decoder the model lacks) are ignored and reported. A missing model key, a checkpoint key inside the model's
+    modules that the model lacks, or a shape that cannot be adapted raises CheckpointError naming the key and the
+    shapes.
     """
     if not isinstance(model, VisionTransformer):
         raise TypeError(f'load_checkpoint loads backbones (VisionTransformer, MaskedAutoencoder), '
                         f'not {type(model).__name__}')
     source = os.path.basename(os.fspath(ckpt)) if isinstance(ckpt, (str, os.PathLike)) else 'state dict'
-    allowed = ignore_missing if callable(ignore_missing) else set(ignore_missing).__contains__
     sd, own = _read_state_dict(ckpt), model.state_dict()
     model_has_decoder = any(is_decoder_key(k) for k in own)
     own_tops = {k.split('.')[0] for k in own}
@@ -605,8 +603,7 @@ def load_checkpoint(model, ckpt, ignore_missing=()):
             ignored['decoder' if is_decoder_key(key) else key.split('.')[0] + ('.*' if '.' in key else '')] += 1
 
     ckpt_has_decoder = any(is_decoder_key(k) for k in loaded)
-    missing = [k for k in own if k not in loaded and not allowed(k)
-               and not (is_decoder_key(k) and not ckpt_has_decoder)]
+    missing = [k for k in own if k not in loaded and not (is_decoder_key(k) and not ckpt_has_decoder)]
     if missing:
         shown = ', '.join(f'{k} {tuple(own[k].shape)}' for k in missing[:5])
         raise CheckpointError(f'{len(missing)} model keys missing from the checkpoint: {shown}'
@@ -623,7 +620,4 @@ def load_checkpoint(model, ckpt, ignore_missing=()):
         report.append('adapted ' + ', '.join(adapted))
     if ignored:
         report.append('ignored ' + ', '.join(f'{name} ({n})' for name, n in sorted(ignored.items())))
-    skipped = [k for k in own if k not in loaded and allowed(k)]
-    if skipped:
-        report.append(f'{len(skipped)} model keys allowed missing')
     return '; '.join(report)

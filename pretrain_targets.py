@@ -8,14 +8,9 @@
 4. train them with the MAE loss on the downstream training images; labels are never read
 5. save only the targets, with what they were pre-trained for: <run.out_dir>/<pretrain.name>/targets.pth
 
-With no backbone.checkpoint configured, the embedded default backbone is made first (once, cached): the same MAE
-training with every parameter trainable, on synthetic upstream images of a different appearance.
+With no backbone.checkpoint configured, the embedded default backbone is made first (once, cached; see
+pretrain_backbone.py): the same MAE training with every parameter trainable, on upstream images.
 """
-import copy
-import hashlib
-import json
-from pathlib import Path
-
 import torch
 from torchvision.utils import make_grid, save_image
 
@@ -23,46 +18,7 @@ import data
 import engine
 import lora
 import models
-
-
-def train_mae(run, mae, dataset, ocfg, mask_ratio, tag):
-    """MAE training of whatever in `mae` requires grad: the whole model (bootstrap) or the targets (TPP stage 1)."""
-    loader = engine.make_loader(run, dataset, ocfg['batch_size'], train=True)
-    loss_fn = lambda model, batch: model(batch['image'], mask_ratio)[0]   # (loss, pred, mask): labels are unused
-    return engine.train(run, mae, loader, loss_fn, ocfg, betas=(0.9, 0.95), tag=tag)   # MAE's betas
-
-
-def pretrained_backbone(cfg):
-    """Path of the backbone checkpoint: backbone.checkpoint, or the embedded default, made here once and cached."""
-    if cfg['backbone']['checkpoint']:
-        path = Path(cfg['backbone']['checkpoint'])
-        if not path.is_file():
-            raise FileNotFoundError(f'backbone.checkpoint: {path} does not exist')
-        return path
-    boot = cfg['backbone']['bootstrap']
-    recipe = {'model': models.vit_kwargs(cfg['model']), 'mae': cfg['mae'], 'bootstrap': boot, 'seed': cfg['run']['seed'],
-              'normalise': [cfg['data']['mean'], cfg['data']['std']], 'data': data.GENERATOR_VERSION}
-    name = 'backbone-' + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(cfg['run']['cache_dir']) / name
-    path = folder / 'backbone.pth'
-    if path.is_file():
-        return path
-    boot_cfg = copy.deepcopy(cfg)
-    boot_cfg['run']['out_dir'] = cfg['run']['cache_dir']
-    resume = (folder / 'checkpoint.pth').is_file()        # an interrupted bootstrap continues where it stopped
-    run = engine.Run(boot_cfg, name, resume, replace=True)   # (one that crashed before its first checkpoint restarts)
-    run.log(f'no backbone.checkpoint configured: pre-training the embedded default backbone with MAE on '
-            f'{boot["images"]} synthetic upstream images (once; cached as {path})')
-    mae = models.build_mae(cfg).to(run.device)
-    lora.mark_trainable(mae, extra=[p for p in mae.parameters() if p.requires_grad])  # all but the fixed pos embeds
-    upstream = data.upstream_dataset(cfg['data'], cfg['run']['cache_dir'], boot['images'], cfg['model']['img_size'],
-                                     cfg['model']['in_chans'], cfg['run']['seed'])
-    train_mae(run, mae, upstream, boot, boot['mask_ratio'], tag='bootstrap')
-    if run.main:
-        engine.atomic_save({'model': mae.state_dict(), 'recipe': recipe}, path)
-    run.barrier()
-    run.close()
-    return path
+from pretrain_backbone import resolve, train_mae
 
 
 def insert_targets(mae, cfg):
@@ -97,11 +53,12 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
 def main(args):
     cfg = engine.load_config(args.config, args.set)
     pcfg, dcfg = cfg['pretrain'], cfg['data']
-    backbone_path = pretrained_backbone(cfg)
+    backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     run = engine.Run(cfg, pcfg['name'], args.resume)
     cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])
     train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
-    size, chans = cfg['model']['img_size'], cfg['model']['in_chans']
+    arch = models.vit_kwargs(cfg['model'])
+    size, chans = arch['img_size'], arch['in_chans']
     dataset = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=True)
 
     mae = models.build_mae(cfg).to(run.device)
@@ -115,10 +72,10 @@ def main(args):
             f'{len(dataset)} training slices from {len(train_cases)} cases')
 
     # --- TPP: the pretext task on the downstream images
-    result = train_mae(run, mae, dataset, pcfg, pcfg['mask_ratio'], tag='pretrain')
+    result = train_mae(run, mae, dataset, pcfg, tag='pretrain')
 
     # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
-    meta = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(cfg['peft']), 'backbone': fingerprint,
+    meta = {'arch': arch, 'peft': lora.structure(cfg['peft']), 'backbone': fingerprint,
             'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
             'pretext': {'mask_ratio': pcfg['mask_ratio'], 'norm_pix_loss': cfg['mae']['norm_pix_loss'],
                         'train_decoder': pcfg['train_decoder'], 'epochs': pcfg['epochs'], 'data': dcfg['layout']}}

@@ -1,10 +1,44 @@
+"""What the tests share: the one tiny config (4-block ViT on 32 px, seconds per stage on a CPU), a session-wide cache
+(synthetic data and the tiny backbone are made once for the whole suite) and a crash simulator."""
+import argparse
 import contextlib
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's top-level modules
+
+
+def tiny_config(tmp_path, cache, **sections):
+    """Write the tiny config (runs under tmp_path/runs, data and backbone in `cache`) updated by `sections`, e.g.
+    tiny_config(tmp_path, cache, finetune={'epochs': 1}); returns its path."""
+    cfg = {
+        'run': {'out_dir': str(tmp_path / 'runs'), 'cache_dir': str(cache), 'log_every': 5},
+        'model': {'preset': None, 'img_size': 32, 'patch_size': 8, 'embed_dim': 32, 'depth': 4, 'num_heads': 2,
+                  'mlp_ratio': 2.0},
+        'mae': {'decoder_embed_dim': 16, 'decoder_depth': 1, 'decoder_num_heads': 2},
+        'backbone': {'bootstrap': {'images': 64, 'epochs': 1, 'batch_size': 16}},
+        'peft': {'lora': {'r': 2}, 'adapter': {'dim': 4}},
+        'pretrain': {'epochs': 2, 'batch_size': 32},
+        'finetune': {'epochs': 3, 'batch_size': 32, 'seg_channels': [16, 8, 8], 'lr': 3e-3},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = tmp_path / 'tiny.yaml'
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def args(path, *overrides, resume=False):
+    """The command line of a stage script: --config path --set ... [--resume]."""
+    return argparse.Namespace(config=str(path), set=list(overrides), resume=resume)
+
+
+@pytest.fixture(scope='session')
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp('cache')        # synthetic data and the bootstrapped backbone, made once
 
 
 @pytest.fixture

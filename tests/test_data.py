@@ -1,4 +1,4 @@
-"""data.py: synthetic generators, layout readers, validation errors, intensities, slicing, splits, augmentation."""
+"""data.py: layout readers, validation errors, intensities, slicing, splits, augmentation."""
 import copy
 import csv
 import gzip
@@ -52,79 +52,6 @@ def msd_tree(root, n=3, shape=(8, 8, 4)):
     return root
 
 
-# ---------------------------------------------------------------------------------------------------- generators
-
-def test_synthetic_ct_is_deterministic_and_readable(tmp_path):
-    shape, spacing = (24, 20, 6), (14.4, 14.4, 20.0)  # a full-size abdomen on a coarse grid
-    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-        data.write_synthetic_ct(tmp_path / name, n_cases=2, shape=shape, spacing=spacing, seed=seed)
-    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*.nii.gz'))
-    assert [str(p) for p in files] == ['imagesTr/ct_000.nii.gz', 'imagesTr/ct_001.nii.gz',
-                                       'labelsTr/ct_000.nii.gz', 'labelsTr/ct_001.nii.gz']
-    read = {n: [np.asarray(nib.load(tmp_path / n / p).dataobj) for p in files] for n in 'abc'}
-    assert all(np.array_equal(x, y) for x, y in zip(read['a'], read['b']))
-    assert not np.array_equal(read['a'][0], read['c'][0])
-    image, mask = nib.load(tmp_path / 'a' / files[0]), nib.load(tmp_path / 'a' / files[2])
-    assert image.shape == mask.shape == shape and image.get_data_dtype() == np.int16
-    assert np.allclose(image.header.get_zooms(), spacing)
-    assert nib.aff2axcodes(image.affine) == ('L', 'P', 'S')  # stored like DICOM, read back as RAS
-    assert np.allclose(image.affine, mask.affine)
-    hu = read['a'][0]
-    assert hu.min() >= -1024 and hu.max() > 300  # air and bone
-    assert set(np.unique(read['a'][2])) <= {0, 1, 2} and 1 in read['a'][2]
-    rows = list(csv.reader(open(tmp_path / 'a' / 'manifest.csv')))
-    assert rows == [['image', 'mask', 'label'], ['imagesTr/ct_000.nii.gz', 'labelsTr/ct_000.nii.gz', 'cyst'],
-                    ['imagesTr/ct_001.nii.gz', 'labelsTr/ct_001.nii.gz', 'metastasis']]
-    labels = json.loads((tmp_path / 'a' / 'dataset.json').read_text())['labels']
-    assert labels == {'0': 'background', '1': 'liver', '2': 'lesion'}
-    # canonical reading undoes the L/P storage: RAS affine with positive spacing, array flipped in x and y
-    arr, affine = data.load(tmp_path / 'a' / files[0])
-    assert np.allclose(np.diag(affine)[:3], spacing) and nib.aff2axcodes(affine) == ('R', 'A', 'S')
-    assert np.array_equal(arr, hu[::-1, ::-1])
-
-
-def test_synthetic_us_is_deterministic_and_readable(tmp_path):
-    for name in 'ab':
-        data.write_synthetic_us(tmp_path / name, n_per_class=2, size=32, seed=1)
-    for cls in data.US_CLASSES:
-        for i in range(2):
-            a = [np.array(Image.open(tmp_path / 'a' / cls / f'{cls}_{i:03d}{s}.png')) for s in ('', '_mask')]
-            b = [np.array(Image.open(tmp_path / 'b' / cls / f'{cls}_{i:03d}{s}.png')) for s in ('', '_mask')]
-            assert all(np.array_equal(x, y) for x, y in zip(a, b))
-            assert a[0].shape == a[1].shape == (32, 32) and a[0].dtype == np.uint8
-            assert set(np.unique(a[1])) <= {0, 255}
-            assert (a[1].max() == 0) == (cls == 'normal')  # lesions in benign/malignant only
-
-
-def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatch):
-    monkeypatch.setattr(data, 'SYNTH_CT', dict(n_cases=4, shape=(24, 24, 6), spacing=(14.4, 14.4, 20.0)))
-    cases, info = data.prepare(dcfg, tmp_path)
-    assert len(cases) == 4 and all(c.mask and c.label is not None for c in cases)
-    assert info['num_classes_seg'] == 3 and info['num_classes_cls'] == 2 and info['is_volume']
-    assert info['class_names'] == data.CT_CLASSES and info['label_names'] == data.CT_KINDS
-    (folder,) = list(tmp_path.iterdir())  # no temporary folder left beside it
-    assert folder.name == 'synthetic_ct-v1-seed0-n_cases4-shape24x24x6-spacing14.4x14.4x20.0'
-    stamp = (folder / 'manifest.csv').stat().st_mtime_ns
-    data.prepare(dcfg, tmp_path)
-    assert (folder / 'manifest.csv').stat().st_mtime_ns == stamp  # reused, not regenerated
-
-    monkeypatch.setattr(data, 'SYNTH_US', dict(n_per_class=2, size=32))
-    dcfg.update(layout='synthetic_us', intensity='percentile')
-    cases, info = data.prepare(dcfg, tmp_path)
-    assert len(cases) == 6 and info['label_names'] == data.US_CLASSES and info['num_classes_seg'] == 2
-    assert not info['is_volume']
-
-
-def test_upstream_dataset(tmp_path, dcfg):
-    ds = data.upstream_dataset(dcfg, tmp_path, n=3, img_size=16, in_chans=3, seed=0)
-    assert len(ds) == 3 and len(list(next(tmp_path.iterdir()).glob('*.png'))) == 3
-    x = ds[0]['image']
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
-    assert torch.equal(x[0], x[1])  # grey repeated to the channels a 3-channel backbone wants
-    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
-    assert x.min() >= lo and x.max() <= hi and x.std() > 0.1
-
-
 # ---------------------------------------------------------------------------------------------------- intensities
 
 def test_window_percentile_none_and_normalize(dcfg):
@@ -153,7 +80,7 @@ def test_slicing_along_each_axis_after_canonical(tmp_path, dcfg):
     lps[:2, 3] = 5
     path = save_nifti(tmp_path / 'v.nii.gz', canonical[::-1, ::-1], lps)  # stored flipped in x and y
     case = Case('v', path, None, None)
-    assert np.allclose(data.case_affine(case), np.eye(4))
+    assert np.allclose(data.load(path)[1], np.eye(4))                   # canonical affine
     dcfg.update(window=[0, 1000], mean=[0.0], std=[1.0])
     for axis in (0, 1, 2):
         ds = data.SliceDataset([case], dict(dcfg, axis=axis), img_size=6, in_chans=1, task=None, train=False)
@@ -171,16 +98,16 @@ def test_slice_dataset_items_order_and_skip_empty(tmp_path, dcfg):
     cases = [Case(f'c{n}', save_nifti(tmp_path / f'c{n}.nii.gz', vol), save_nifti(tmp_path / f'm{n}.nii.gz', mask),
                   n % 2) for n in range(2)]
     stage1 = data.SliceDataset(cases, dcfg, 8, 1, None, train=True)
-    assert len(stage1) == 6 and stage1.skipped == 4 and stage1.num_classes is None
+    assert len(stage1) == 6 and stage1.skipped == 4
     seg = data.SliceDataset(cases, dcfg, 8, 3, 'segmentation', train=False)
     assert [(seg[n]['case'], seg[n]['slice']) for n in range(len(seg))] == [(c, s) for c in (0, 1) for s in range(5)]
     assert [seg.sample_index(n) for n in range(len(seg))] == [(c, s) for c in (0, 1) for s in range(5)]
-    assert data.is_volume(cases[0].image)
     item = seg[2]
     assert item['image'].shape == (3, 8, 8) and item['image'].dtype == torch.float32
-    assert item['mask'].shape == (8, 8) and item['mask'].dtype == torch.int64 and seg.num_classes == 2
+    assert item['mask'].shape == (8, 8) and item['mask'].dtype == torch.int64
+    assert item['mask'].unique().tolist() == [0, 1]          # slice 2 has body (1) and background (0)
     cls = data.SliceDataset(cases, dcfg, 8, 1, 'classification', train=True)
-    assert cls[7]['label'].dtype == torch.int64 and cls[7]['label'].item() == 1 and cls.num_classes == 2
+    assert cls[7]['label'].dtype == torch.int64 and cls[7]['label'].item() == 1
     batch = next(iter(torch.utils.data.DataLoader(seg, batch_size=4)))
     assert batch['image'].shape == (4, 3, 8, 8) and batch['mask'].shape == (4, 8, 8)
     with pytest.raises(DataError, match='no label for task classification'):
@@ -275,8 +202,8 @@ def test_msd_layout_with_nnunet_names_and_junk(tmp_path, dcfg):
     (root / 'imagesTr' / 'c0.nii.gz').rename(root / 'imagesTr' / 'c0_0000.nii.gz')  # nnU-Net v2 channel suffix
     (root / 'imagesTr' / '._c1.nii.gz').write_bytes(b'\0\5\26\7')  # macOS resource file as in the MSD archives
     cases, info = data.prepare(dict(dcfg, layout='msd', root=str(root)), tmp_path)
-    assert [c.id for c in cases] == ['c0', 'c1', 'c2'] and info['class_names'] == ['background', 'organ']
-    assert info['num_classes_seg'] == 2 and info['num_classes_cls'] is None
+    assert [c.id for c in cases] == ['c0', 'c1', 'c2']
+    assert info == {'num_classes_seg': 2, 'num_classes_cls': None}       # from dataset.json's two labels
 
 
 def test_csv_layout_names_labels_and_png(tmp_path, dcfg):
@@ -286,7 +213,7 @@ def test_csv_layout_names_labels_and_png(tmp_path, dcfg):
     manifest = write_csv(tmp_path / 'list.csv', [['image', 'mask', 'label']] +
                          [[f'img/{n}.png', f'img/{n}_seg.png', ['benign', 'malignant'][n % 2]] for n in range(4)])
     cases, info = data.prepare(dict(dcfg, layout='csv', root=str(manifest), intensity='percentile'), tmp_path)
-    assert [c.label for c in cases] == [0, 1, 0, 1] and info['label_names'] == ['benign', 'malignant']
+    assert [c.label for c in cases] == [0, 1, 0, 1] and info['num_classes_cls'] == 2   # names, sorted
     assert info['num_classes_seg'] == 2 and set(np.unique(data.load_mask(cases[0]))) == {0, 1}
 
 
@@ -298,7 +225,7 @@ def test_folder_layout_with_masks(tmp_path, dcfg):
     save_png(tmp_path / 'a' / '0_mask_1.png', np.pad(np.full((1, 1), 255), ((0, 7), (0, 7))))  # BUSI's second mask
     cases, info = data.prepare(dict(dcfg, layout='folder', root=str(tmp_path), intensity='none'), tmp_path)
     assert [(c.id, c.label) for c in cases] == [('a/0', 0), ('a/1', 0), ('b/0', 1), ('b/1', 1)]
-    assert info['label_names'] == ['a', 'b'] and cases[0].extra_masks == (tmp_path / 'a' / '0_mask_1.png',)
+    assert info['num_classes_cls'] == 2 and cases[0].extra_masks == (tmp_path / 'a' / '0_mask_1.png',)
     assert data.load_mask(cases[0]).sum() == 5  # both masks, merged
 
 

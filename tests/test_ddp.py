@@ -36,7 +36,7 @@ import engine
 import finetune
 import lora
 import pretrain_targets
-from test_stages import args, tiny_config
+from conftest import args, tiny_config
 
 B = 8                                   # images per rank; a single process takes the global batch 2B
 STAGES = ('pretrain', 'seg', 'cls', 'full')   # stage 1; stage 2: segmentation, classification, full segmentation

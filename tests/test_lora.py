@@ -86,6 +86,22 @@ def test_merge_matches_unmerged_and_unmerge_restores():
         torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0)
 
 
+def test_merged_export_is_a_plain_vit():
+    model = vit()
+    lora.inject(model, peft(layers=('qkv', 'fc2'), qv_only=True))
+    lora.mark_trainable(model)
+    train_steps(model)
+    x = images()
+    with torch.no_grad():
+        out = model.forward_features(x)
+        sd = lora.merged_state_dict(model)
+    plain = vit()
+    assert sd.keys() == plain.state_dict().keys()                    # no LoRA factor left, every ViT key there
+    plain.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_features(x), out, atol=1e-5, rtol=0)
+
+
 def test_qv_only_leaves_k_untouched():
     model = vit()
     lora.inject(model, peft(qv_only=True))

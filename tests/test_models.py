@@ -293,17 +293,12 @@ def test_tpp_task_model_checkpoint_and_path(tmp_path):
     assert torch.equal(target.norm.weight, task.backbone.norm.weight)
 
 
-def test_ignore_missing_names_or_predicate():
+def test_missing_key_is_named():
     sd = vit().state_dict()
-    del sd['blocks.0.mlp.fc1.bias'], sd['blocks.1.mlp.fc1.bias']
-    M.load_checkpoint(vit(), sd, ignore_missing=['blocks.0.mlp.fc1.bias', 'blocks.1.mlp.fc1.bias'])
-    report = M.load_checkpoint(vit(), sd, ignore_missing=lambda k: k.endswith('fc1.bias'))
-    assert '2 model keys allowed missing' in report
-    with pytest.raises(M.CheckpointError, match=r'blocks\.1\.mlp\.fc1\.bias'):
-        M.load_checkpoint(vit(), sd, ignore_missing=['blocks.0.mlp.fc1.bias'])
+    del sd['blocks.1.mlp.fc1.bias']
+    with pytest.raises(M.CheckpointError, match=r'1 model keys missing.*blocks\.1\.mlp\.fc1\.bias'):
+        M.load_checkpoint(vit(), sd)
 
-
-# ---------------------------------------------------------------------------------------------------------- builders
 
 def test_vit_kwargs_presets_and_overrides():
     assert M.vit_kwargs({'preset': 'vit_small', 'depth': None}) == dict(

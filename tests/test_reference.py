@@ -1,4 +1,4 @@
-"""models.py against reference implementations installed for tests only (skipped when absent; never run-time deps).
+"""models.py against reference implementations installed for tests only (requirements-test.txt; never run-time deps).
 
 - timm's VisionTransformer loads our state dict strictly and computes the same features.
 - Hugging Face's ViTMAEForPreTraining (a port of the official MAE that takes a `noise` argument), given our weights
@@ -6,6 +6,8 @@
 """
 import pytest
 import torch
+import transformers
+from timm.models import vision_transformer
 
 import models as M
 
@@ -19,7 +21,6 @@ def _seed():
 
 
 def test_timm_vision_transformer_same_keys_and_features():
-    vision_transformer = pytest.importorskip('timm.models.vision_transformer')
     ours = M.VisionTransformer(in_chans=3, **SIZES).eval()
     theirs = vision_transformer.VisionTransformer(in_chans=3, num_classes=0, global_pool='token', class_token=True,
                                                   qkv_bias=True, **SIZES).eval()
@@ -59,15 +60,13 @@ def hf_config(transformers, in_chans, norm_pix_loss):
 
 def test_hf_fixed_tables_are_ours():
     """Their sin-cos tables follow the official layout: an independent check of ours."""
-    transformers = pytest.importorskip('transformers')
     theirs = transformers.ViTMAEForPreTraining(hf_config(transformers, 1, False))
     emb = theirs.vit.embeddings
     if not emb.position_embeddings.any():  # transformers 5 marks this init done without running it
         emb.patch_embeddings.projection._is_hf_initialized = False
         emb.initialize_weights()
         theirs.decoder.initialize_weights(emb.patch_embeddings.num_patches)
-    if not emb.position_embeddings.any():
-        pytest.skip('cannot get the fixed tables of this transformers version')
+    assert emb.position_embeddings.any(), 'this transformers version left the fixed tables empty'
     torch.testing.assert_close(emb.position_embeddings.detach()[0],
                                torch.from_numpy(M.get_2d_sincos_pos_embed(32, 4, cls_token=True)))
     torch.testing.assert_close(theirs.decoder.decoder_pos_embed.detach()[0],
@@ -97,7 +96,6 @@ def to_hf(sd, layout):
 
 @pytest.mark.parametrize('norm_pix_loss, in_chans', [(False, 3), (True, 3), (True, 1)])
 def test_hf_vit_mae_same_loss(norm_pix_loss, in_chans):
-    transformers = pytest.importorskip('transformers')
     decoder = dict(decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2)
     ours = M.MaskedAutoencoder(in_chans=in_chans, norm_pix_loss=norm_pix_loss, **SIZES, **decoder).eval()
     theirs = transformers.ViTMAEForPreTraining(hf_config(transformers, in_chans, norm_pix_loss)).eval()

@@ -1,58 +1,43 @@
 """Both stages end to end on a tiny config: the backbone never changes in stage 1, the targets file holds only the
 targets, stage 2 loads them and learns, and an interrupted run resumes exactly."""
-import argparse
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import data
 import engine
 import finetune
 import lora
 import models
+import pretrain_backbone
 import pretrain_targets
+from conftest import args, tiny_config
 
 
-@pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp('cache')        # synthetic data and the bootstrapped backbone, made once
-
-
-def tiny_config(tmp_path, cache, **sections):
-    cfg = {
-        'run': {'out_dir': str(tmp_path / 'runs'), 'cache_dir': str(cache), 'log_every': 5},
-        'model': {'preset': None, 'img_size': 32, 'patch_size': 8, 'embed_dim': 32, 'depth': 4, 'num_heads': 2,
-                  'mlp_ratio': 2.0},
-        'mae': {'decoder_embed_dim': 16, 'decoder_depth': 1, 'decoder_num_heads': 2},
-        'backbone': {'bootstrap': {'images': 64, 'epochs': 1, 'batch_size': 16}},
-        'peft': {'lora': {'r': 2}},
-        'pretrain': {'epochs': 2, 'batch_size': 32},
-        'finetune': {'epochs': 3, 'batch_size': 32, 'seg_channels': [16, 8, 8], 'lr': 3e-3},
-    }
-    for section, values in sections.items():
-        cfg[section].update(values)
-    path = tmp_path / 'tiny.yaml'
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def args(path, *overrides, resume=False):
-    return argparse.Namespace(config=str(path), set=list(overrides), resume=resume)
+def test_stage0_makes_the_backbone_once_and_loads_as_a_checkpoint(tmp_path, cache):
+    cfg = tiny_config(tmp_path, cache)
+    path = pretrain_backbone.main(args(cfg))
+    stamp = path.stat().st_mtime_ns
+    assert pretrain_backbone.main(args(cfg)) == path and path.stat().st_mtime_ns == stamp     # cached, not retrained
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['recipe'] == pretrain_backbone.default_path(engine.load_config(cfg))[1]
+    mae = models.build_mae(engine.load_config(cfg))
+    assert models.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')   # all of them
+    other = pretrain_backbone.default_path(engine.load_config(cfg, ['backbone.bootstrap.epochs=2']))[0]
+    assert other != path and not other.exists()                          # another recipe, another backbone
 
 
 def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeypatch):
     seen = {}
     train_mae = pretrain_targets.train_mae
 
-    def spy(run, mae, dataset, ocfg, mask_ratio, tag):   # snapshot the frozen backbone before stage-1 training
-        if tag == 'pretrain':
-            seen['mae'], seen['before'] = mae, {n: p.detach().clone() for n, p in mae.named_parameters()
-                                                if not p.requires_grad}
-        return train_mae(run, mae, dataset, ocfg, mask_ratio, tag)
+    def spy(run, mae, dataset, ocfg, tag):   # snapshot the frozen backbone before stage-1 training
+        seen['mae'], seen['before'] = mae, {n: p.detach().clone() for n, p in mae.named_parameters()
+                                            if not p.requires_grad}
+        return train_mae(run, mae, dataset, ocfg, tag)
     monkeypatch.setattr(pretrain_targets, 'train_mae', spy)
     path = pretrain_targets.main(args(tiny_config(tmp_path, cache)))
 
@@ -65,7 +50,7 @@ def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeyp
             assert torch.equal(p, before[n]), n                            # ... and is bit-identical after stage 1
     saved = torch.load(path, weights_only=True)
     assert set(saved['targets']) == targets                                # only target keys
-    backbone_file = pretrain_targets.pretrained_backbone(engine.load_config(tmp_path / 'tiny.yaml'))
+    backbone_file = pretrain_backbone.resolve(engine.load_config(tmp_path / 'tiny.yaml'))
     assert path.stat().st_size < 0.25 * backbone_file.stat().st_size
     assert saved['meta']['steps'] > 0 and saved['meta']['backbone'] == lora.backbone_fingerprint(mae)
     assert (path.parent / 'reconstructions.png').stat().st_size > 0
@@ -80,9 +65,18 @@ def test_stage2_loads_targets_and_learns(tmp_path, cache, task):
     losses = [h['train_loss'] for h in metrics['history']]
     assert losses[-1] < losses[0], losses
     assert metrics['init'] == 'tpp' and 'targets: loaded' in (run_dir / 'log.txt').read_text()
-    assert 0 <= metrics['test']['score'] <= 1
-    model = torch.load(run_dir / 'model.pth', weights_only=False)
-    assert model['lora_merged'] and not any('.lora.' in k for k in model['model'])
+    saved = torch.load(run_dir / 'model.pth', weights_only=False)
+    assert saved['lora_merged'] and not any('.lora.' in k for k in saved['model'])
+    # model.pth alone (a plain ViT + head, LoRA merged) reproduces the reported test score
+    run_cfg = engine.load_config(cfg, [f'finetune.task={task}'])
+    model = models.TaskModel(models.build_backbone(run_cfg), models.build_head(run_cfg, saved['num_classes']))
+    model.load_state_dict(saved['model'])
+    run = engine.Run(run_cfg, 'reevaluate')
+    dcfg = run_cfg['data']
+    test_cases = data.split_cases(data.prepare(dcfg, str(cache))[0], dcfg)['test']
+    loader = engine.make_loader(run, data.SliceDataset(test_cases, dcfg, 32, 1, task, train=False), 32, train=False)
+    again = finetune.evaluate(run, model, loader, task, saved['num_classes'])
+    assert again['score'] == pytest.approx(metrics['test']['score'], abs=2e-3)
 
 
 def test_stage2_saves_predicted_masks_on_the_source_grid(tmp_path, cache):

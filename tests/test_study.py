@@ -1,4 +1,4 @@
-"""benchmark.py --quick end to end on a tiny model: the table, the CSV and the plot are written, every stage-1 run is
+"""tools/study.py --quick end to end on the tiny config: the table and the CSVs are written, every stage-1 run is
 shared, and a second invocation resumes the matrix instead of starting over."""
 import csv
 import json
@@ -6,28 +6,17 @@ import shutil
 
 import pytest
 import yaml
-from PIL import Image
 
-import benchmark
+from conftest import tiny_config
+from tools import study
 
 
 @pytest.fixture(scope='module')
-def quick(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('bench')
-    cfg = {   # tiny sizes, as tests/test_stages.py
-        'run': {'cache_dir': str(tmp / 'cache'), 'log_every': 5},
-        'model': {'preset': None, 'img_size': 32, 'patch_size': 8, 'embed_dim': 32, 'depth': 4, 'num_heads': 2,
-                  'mlp_ratio': 2.0},
-        'mae': {'decoder_embed_dim': 16, 'decoder_depth': 1, 'decoder_num_heads': 2},
-        'backbone': {'bootstrap': {'images': 32, 'epochs': 1, 'batch_size': 16}},
-        'peft': {'lora': {'r': 2}, 'adapter': {'dim': 4}},
-        'pretrain': {'batch_size': 32},
-        'finetune': {'seg_channels': [8, 8, 8], 'lr': 3e-3},
-    }
-    path = tmp / 'tiny.yaml'
-    path.write_text(yaml.safe_dump(cfg))
-    argv = ['--config', str(path), '--quick', '--out', str(tmp / 'bench'), '--set', 'finetune.epochs=2']
-    out = benchmark.main(benchmark.parse_args(argv))
+def quick(tmp_path_factory, cache):
+    tmp = tmp_path_factory.mktemp('study')
+    path = tiny_config(tmp, cache)
+    argv = ['--config', str(path), '--quick', '--out', str(tmp / 'study'), '--set', 'finetune.epochs=2']
+    out = study.main(study.parse_args(argv))
     return tmp, argv, out
 
 
@@ -36,9 +25,9 @@ def read_rows(out):
         return list(csv.DictReader(f))
 
 
-def test_quick_writes_table_csv_and_plot(quick):
+def test_quick_writes_table_and_csvs(quick):
     _, _, out = quick
-    m = benchmark.MATRIX['quick']
+    m = study.MATRIX['quick']
     rows = read_rows(out)
     stage1 = [r for r in rows if r['stage'] == '1']
     stage2 = [r for r in rows if r['stage'] == '2']
@@ -47,7 +36,10 @@ def test_quick_writes_table_csv_and_plot(quick):
     assert len(stage2) == len(m['pairs']) * len(m['fractions']) * len(m['seeds']) * per_cell
     assert all(r['status'] == 'ok' for r in rows)
     for r in stage2:
-        assert 0 <= float(r['test_score']) <= 1 and len(r['val_curve'].split(';')) == int(r['epochs']) == 2
+        metrics = json.loads((out / r['name'] / 'metrics.json').read_text())
+        assert float(r['test_score']) == pytest.approx(metrics['test']['score'], abs=1e-6)   # the run's own number
+        assert r['val_curve'].split(';') == [f"{h['score']:.4f}" for h in metrics['history']]
+        assert len(r['val_curve'].split(';')) == int(r['epochs']) == 2
         assert 1 <= int(r['converge_epoch']) <= 2
         assert int(r['trainable']) > 0
     tpp = [r for r in stage2 if r['init'] == 'tpp']
@@ -58,8 +50,14 @@ def test_quick_writes_table_csv_and_plot(quick):
     for needle in ('lora tpp', 'adapter random', 'full fine-tuning', 'linear probe', 'TPP − random', ' ± ',
                    'acc 0.', 'Dice 0', 's1-ct-lora'):
         assert needle in table, needle
-    img = Image.open(out / 'val_curves.png')
-    assert img.size[0] > 300 and img.size[1] > 300 and len(img.getcolors(1 << 16) or []) > 4   # drawn, not blank
+    with open(out / 'val_curves.csv') as f:
+        curves = list(csv.DictReader(f))
+    for r in curves:                                  # each point is the mean over seeds of the runs' own curves
+        runs = [x for x in stage2 if (x['dataset'], x['task'], x['fraction'], x['method'], x['init']) ==
+                (r['dataset'], r['task'], r['fraction'], r['method'], r['init'])]
+        expected = sum(float(x['val_curve'].split(';')[int(r['epoch']) - 1]) for x in runs) / len(runs)
+        assert int(r['n_seeds']) == len(runs) and abs(float(r['val_mean']) - expected) < 1e-4
+    assert len(curves) == 2 * len({(x['dataset'], x['task'], x['fraction'], x['method'], x['init']) for x in stage2})
 
 
 def test_second_invocation_resumes(quick, capsys, crash_after_checkpoint):
@@ -70,10 +68,10 @@ def test_second_invocation_resumes(quick, capsys, crash_after_checkpoint):
     victim = next(r for r in before if r['stage'] == '2' and r['init'] == 'tpp')
     shutil.rmtree(out / victim['name'])
     with crash_after_checkpoint():
-        benchmark.main(benchmark.parse_args(argv))
+        study.main(study.parse_args(argv))
     assert (out / victim['name'] / 'checkpoint.pth').is_file()
     capsys.readouterr()
-    benchmark.main(benchmark.parse_args(argv))
+    study.main(study.parse_args(argv))
     log = capsys.readouterr().out
     assert f"{victim['name']}: resumed" in log
     assert log.count(': done,') == len(before) - 1
@@ -83,11 +81,11 @@ def test_second_invocation_resumes(quick, capsys, crash_after_checkpoint):
 
     # a finished run made with other settings is never silently mixed in
     with pytest.raises(SystemExit, match='another config'):
-        benchmark.main(benchmark.parse_args(argv[:-1] + ['finetune.epochs=3']))
+        study.main(study.parse_args(argv[:-1] + ['finetune.epochs=3']))
 
 
 def test_convergence_epoch():
-    assert benchmark.converge_epoch([0.1, 0.5, 0.96, 1.0, 0.9]) == 3
-    assert benchmark.converge_epoch([0.8]) == 1
-    assert benchmark.converge_epoch([float('nan'), 0.2, 0.1]) == 2
-    assert benchmark.converge_epoch([]) is None
+    assert study.converge_epoch([0.1, 0.5, 0.96, 1.0, 0.9]) == 3
+    assert study.converge_epoch([0.8]) == 1
+    assert study.converge_epoch([float('nan'), 0.2, 0.1]) == 2
+    assert study.converge_epoch([]) is None

@@ -1,6 +1,6 @@
 """Benchmark: TPP against plain PEFT (random init), with full fine-tuning and linear probing as references.
 
-    python benchmark.py --config config.yaml [--quick] [--out runs/benchmark] [--set key=value ...]
+    python tools/study.py --config config.yaml [--quick] [--out runs/study] [--set key=value ...]
 
 Runs a matrix of cells (data set x task x label fraction x method x init, each with several seeds) in-process by
 calling pretrain_targets.main and finetune.main, one run folder per run under --out, and writes there:
@@ -8,7 +8,8 @@ calling pretrain_targets.main and finetune.main, one run folder per run under --
     results.md    mean +- std of the test metric per cell, the floor a collapsed run sits at (majority class /
                   all background), trainable parameters, epochs to converge, wall time; TPP - random per seed
     runs.csv      every run (stage 1 and stage 2), with its validation curve
-    val_curves.png  validation metric per epoch, TPP vs random init (and the references), mean over seeds
+    val_curves.csv  validation metric per epoch, TPP vs random init (and the references), mean over seeds;
+                  every run's TensorBoard events hold its curve: tensorboard --logdir <out>
 
 Every stage-1 run (one per data set and PEFT method) is shared by all the stage-2 runs that use it: the targets are
 pre-trained once, on all the training images (labels unused), whatever the label fraction or seed. Every run uses
@@ -39,11 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageDraw, ImageFont
 
-import engine
-import finetune
-import pretrain_targets
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules, from any folder
+import engine  # noqa: E402
+import finetune  # noqa: E402
+import pretrain_backbone  # noqa: E402
+import pretrain_targets  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The matrix. Only benchmark settings live here; everything else comes from --config (and --set, which wins).
@@ -63,7 +65,7 @@ REFERENCES = ['full', 'linear']  # finetune.init values run once per cell, whate
 PAIRS = [('ct', 'classification'), ('ct', 'segmentation'), ('us', 'classification'), ('us', 'segmentation')]
 
 MATRIX = {
-    # About 30 min on 2 CPU cores at the config's default sizes (README "Results"). That budget holds two of the four
+    # About 30 min on 2 CPU cores at the config's default sizes (results/study/README.md). That budget holds two of the four
     # (data set, task) pairs: --pairs all runs all four (about twice as long).
     'default': {
         'pairs': [('ct', 'segmentation'), ('us', 'classification')],
@@ -103,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument('--config', default='config.yaml', help='YAML config (keys documented in config.yaml)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help='override for every run (wins over the matrix), e.g. run.device=cuda')
-    p.add_argument('--out', default='runs/benchmark', help='folder of the run folders and the results')
+    p.add_argument('--out', default='runs/study', help='folder of the run folders and the results')
     p.add_argument('--quick', action='store_true', help='the small smoke-test matrix')
     p.add_argument('--pairs', help="comma-separated data:task pairs, e.g. ct:classification,config:segmentation "
                    "(data: ct, us, or config = the data of --config/--set, your own), or 'all' (ct and us, both tasks)")
@@ -375,83 +377,20 @@ def write_markdown(rows, path, header):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Validation curves, drawn with PIL (no plotting library)
+# Validation curves: a CSV to plot with any tool; every run's TensorBoard events hold them too
 
-COLORS = {'tpp': (214, 96, 26), 'random': (31, 119, 180), 'full': (90, 90, 90), 'linear': (160, 160, 160)}
-
-
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):        # Pillow < 10.1 or no FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def _nice_range(values):
-    lo, hi = min(values), max(values)
-    lo, hi = math.floor(lo * 10) / 10, math.ceil(hi * 10) / 10
-    if hi - lo < 0.1:
-        hi = lo + 0.1
-    return lo, hi
-
-
-def plot_curves(rows, path, panel=(330, 230)):
-    """One panel per (data set, task, label fraction, method): mean validation metric per epoch over seeds, TPP vs
-    random init, with full fine-tuning and the linear probe in grey (the same in every method's panel)."""
-    groups = cells(rows)
-    keys = list(dict.fromkeys((d, t, f, m) for (d, t, f, m, i) in groups if m != 'ref'))   # matrix order
-    row_keys = list(dict.fromkeys((d, t) for d, t, f, m in keys))
-    col_keys = list(dict.fromkeys((f, m) for d, t, f, m in keys))
-    if not keys:
-        return
-    W, H = panel
-    top = 34
-    img = Image.new('RGB', (W * len(col_keys), top + H * len(row_keys)), 'white')
-    draw, font, small = ImageDraw.Draw(img), _font(13), _font(11)
-    x = 8
-    draw.text((x, 8), 'validation metric per epoch (mean over seeds):', fill='black', font=font)
-    x += draw.textlength('validation metric per epoch (mean over seeds):', font=font) + 10
-    for init, name in [('tpp', 'TPP'), ('random', 'random init'), ('full', 'full FT'), ('linear', 'linear probe')]:
-        draw.line([(x, 16), (x + 22, 16)], fill=COLORS[init], width=3)
-        draw.text((x + 26, 8), name, fill='black', font=font)
-        x += 36 + draw.textlength(name, font=font)
-    for ri, (d, t) in enumerate(row_keys):
-        for ci, (f, m) in enumerate(col_keys):
-            ox, oy = ci * W, top + ri * H
-            curves = {}
-            for init in ('linear', 'full', 'random', 'tpp'):
-                key = (d, t, f, 'ref' if init in REFERENCES else m, init)
-                runs = [r for r in groups.get(key, []) if r['status'] == 'ok' and r.get('val_curve')]
-                if runs:
-                    arr = [[float(v) for v in r['val_curve'].split(';')] for r in runs]
-                    n = min(map(len, arr))
-                    curves[init] = np.nanmean(np.array([a[:n] for a in arr]), 0)
-            metric = 'AUC' if t == 'classification' else 'Dice'
-            draw.text((ox + 8, oy + 4), f'{d} {t} ({metric}), {f:.0%} labels, {m}', fill='black', font=font)
-            if not curves:
-                continue
-            lo, hi = _nice_range([v for c in curves.values() for v in c if math.isfinite(v)] or [0, 1])
-            n = max(len(c) for c in curves.values())
-            x0, x1, y0, y1 = ox + 44, ox + W - 12, oy + H - 28, oy + 24   # plot area (y0 bottom)
-            draw.rectangle([x0, y1, x1, y0], outline=(120, 120, 120))
-            sx = lambda e: x0 + (x1 - x0) * ((e - 1) / max(1, n - 1))
-            sy = lambda v: y0 - (y0 - y1) * (v - lo) / (hi - lo)
-            steps = int(round((hi - lo) / 0.1))
-            stride = max(1, math.ceil(steps / 5))
-            for k in range(0, steps + 1, stride):
-                v = lo + 0.1 * k
-                draw.line([(x0, sy(v)), (x1, sy(v))], fill=(230, 230, 230))
-                draw.text((ox + 6, sy(v) - 6), f'{v:.1f}', fill='black', font=small)
-            for e in sorted({1, n} | set(range(5, n, 5))):
-                draw.text((sx(e) - 4, y0 + 3), str(e), fill='black', font=small)
-            draw.text((x1 - 34, y0 + 14), 'epoch', fill=(80, 80, 80), font=small)
-            for init, c in curves.items():
-                pts = [(sx(e + 1), sy(v)) for e, v in enumerate(c) if math.isfinite(v)]
-                if len(pts) > 1:
-                    draw.line(pts, fill=COLORS[init], width=2 if init in ('tpp', 'random') else 1)
-                for p in pts if len(pts) == 1 else []:
-                    draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=COLORS[init])
-    img.save(path)
+def write_curves(rows, path):
+    """Mean validation metric per epoch over seeds, one row per (data set, task, labels, method, init, epoch)."""
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['dataset', 'task', 'fraction', 'method', 'init', 'epoch', 'val_mean', 'n_seeds'])
+        for (d, t, frac, m, init), runs in cells(rows).items():
+            curves = [[float(v) for v in r['val_curve'].split(';')] for r in runs
+                      if r['status'] == 'ok' and r.get('val_curve')]
+            if curves:
+                n = min(map(len, curves))
+                for e, v in enumerate(np.nanmean(np.array([c[:n] for c in curves]), 0)):
+                    w.writerow([d, t, frac, m, init, e + 1, f'{v:.4f}', len(curves)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -468,7 +407,7 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(m)
-    print(f'benchmark: {len(runs)} runs ({sum(r["stage"] == 1 for r in runs)} stage 1) into {out}', flush=True)
+    print(f'study: {len(runs)} runs ({sum(r["stage"] == 1 for r in runs)} stage 1) into {out}', flush=True)
     t0 = time.time()
     backbones = {}
     for i, run in enumerate(runs):
@@ -476,7 +415,7 @@ def main(args):
         d = run['dataset']
         if d not in backbones:   # the config's backbone (the embedded default is bootstrapped once and cached)
             cfg = engine.load_config(args.config, DATASETS[d] + list(args.set))
-            backbones[d] = pretrain_targets.pretrained_backbone(cfg).resolve()
+            backbones[d] = pretrain_backbone.resolve(cfg).resolve()
         sets = overrides(run, m, list(args.set), out, backbones[d])
         t = time.time()
         status = execute(run, args.config, sets, args.verbose, args.keep)
@@ -488,10 +427,10 @@ def main(args):
     elapsed = time.time() - t0
     rows = [r['row'] for r in runs]
     write_csv(rows, out / 'runs.csv')
-    plot_curves(rows, out / 'val_curves.png')
+    write_curves(rows, out / 'val_curves.csv')
     total = sum(r['seconds'] for r in rows if math.isfinite(r['seconds']))
-    command = 'python ' + ' '.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv[0].endswith('benchmark.py') \
-        else f'benchmark.main({vars(args)})'
+    command = 'python ' + ' '.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv[0].endswith('study.py') \
+        else f'study.main({vars(args)})'
     header = ['## Benchmark results', '',
               f'- command: `{command}`',
               f'- machine: {machine()}',
@@ -501,7 +440,7 @@ def main(args):
               f'stage 2 {({f"{d} {f:g}": v for (d, f), v in m["stage2"].items() if d in dict(m["pairs"])})}'
               + (f'; --set {list(args.set)}' if args.set else '')]
     write_markdown(rows, out / 'results.md', header)
-    print(f"benchmark: {out / 'results.md'} | {out / 'runs.csv'} | {out / 'val_curves.png'} | "
+    print(f"study: {out / 'results.md'} | {out / 'runs.csv'} | {out / 'val_curves.csv'} | tensorboard --logdir {out} | "
           f'{elapsed / 60:.1f} min', flush=True)
     return out
 

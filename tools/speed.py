@@ -1,8 +1,8 @@
 """How fast tpp's steps run: median seconds per step, images/s, FLOP/s and its share of a matmul peak measured in the
 same run, and peak memory. Prints a Markdown table and the issue's targets; writes JSON.
 
-    python bench.py --config config.yaml                                   # the demo model of config.yaml
-    python bench.py --preset demo,tiny224,base224 --reference              # + ViT-Tiny/-Base 224/16, + timm/peft rows
+    python tools/speed.py --config config.yaml                              # the demo model of config.yaml
+    python tools/speed.py --preset demo,tiny224,base224 --reference         # + ViT-Tiny/-Base 224/16, + timm/peft rows
 
 Rows. A training step is what engine.train does per batch: forward, backward, gradient clipping (as configured),
 fused AdamW over the trainable parameters only, zero_grad. Steps reuse one random batch of the right shapes; the
@@ -46,19 +46,19 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-import data
-import engine
-import finetune
-import lora
-import models
-import pretrain_targets
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules, from any folder
+import data  # noqa: E402
+import engine  # noqa: E402
+import finetune  # noqa: E402
+import lora  # noqa: E402
+import models  # noqa: E402
+import pretrain_targets  # noqa: E402
 
 _224 = ['model.img_size=224', 'model.patch_size=16', 'model.in_chans=3', 'model.depth=null']
 PRESETS = {  # name: (config overrides, batch size, timed steps, warm-up steps)
@@ -77,12 +77,15 @@ TRAIN_ROWS = {  # row: (model, what trains)
 INFER_ROWS = ('infer_plain', 'infer_lora', 'infer_merged')
 REFERENCE_ROWS = ('mae_full', 'tpp_lora', 'peft_cls', 'full_ft', 'linear')  # those timm + peft build
 
-# torch's FLOP counter knows the CUDA kernels of scaled_dot_product_attention; the CPU ones do the same matmuls
-for _cpu, _cuda in (('_scaled_dot_product_flash_attention_for_cpu', '_scaled_dot_product_flash_attention'),
-                    ('_scaled_dot_product_flash_attention_for_cpu_backward',
-                     '_scaled_dot_product_flash_attention_backward')):
-    flop_counter.flop_registry.setdefault(getattr(torch.ops.aten, _cpu),
-                                          flop_counter.flop_registry[getattr(torch.ops.aten, _cuda)])
+
+def count_cpu_attention_flops():
+    """torch's FLOP counter knows the CUDA kernels of scaled_dot_product_attention; the CPU ones do the same matmuls,
+    so they are counted with the same formulas (registered when a measurement starts, not at import)."""
+    for cpu, cuda in (('_scaled_dot_product_flash_attention_for_cpu', '_scaled_dot_product_flash_attention'),
+                      ('_scaled_dot_product_flash_attention_for_cpu_backward',
+                       '_scaled_dot_product_flash_attention_backward')):
+        flop_counter.flop_registry.setdefault(getattr(torch.ops.aten, cpu),
+                                              flop_counter.flop_registry[getattr(torch.ops.aten, cuda)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -150,7 +153,8 @@ def build_task_model(cfg, task, trains, num_classes, reference):
 
 
 def random_batch(cfg, size, task, num_classes, device):
-    S, C = cfg['model']['img_size'], models.vit_kwargs(cfg['model'])['in_chans']
+    arch = models.vit_kwargs(cfg['model'])
+    S, C = arch['img_size'], arch['in_chans']
     batch = {'image': torch.randn(size, C, S, S, device=device)}
     if task == 'classification':
         batch['label'] = torch.randint(num_classes, (size,), device=device)
@@ -218,13 +222,13 @@ def infer_rows(spec, device, autocast):
 
 def loader_row(spec, device, autocast):
     cfg, dcfg = spec['cfg'], spec['cfg']['data']
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])
-    cases = data.split_cases(cases, dcfg)['labelled']
-    for case in cases:  # decoded once and cached: the steady state, from the second epoch on
-        data.load(case.image), data.load_mask(case)
-    dataset = data.SliceDataset(cases, dcfg, cfg['model']['img_size'], models.vit_kwargs(cfg['model'])['in_chans'],
-                                'segmentation', train=True, num_classes=info['num_classes_seg'])
-    loader = engine.make_loader(SimpleNamespace(world=1, cfg=cfg, device=device), dataset, spec['batch'], train=True)
+    cases = data.split_cases(data.prepare(dcfg, cfg['run']['cache_dir'])[0], dcfg)['labelled']
+    arch = models.vit_kwargs(cfg['model'])
+    dataset = data.SliceDataset(cases, dcfg, arch['img_size'], arch['in_chans'], 'segmentation', train=True)
+    for case in cases:  # decoded once and cached: the steady state, from the second epoch on (images already are)
+        data.load_mask(case, dataset.load)
+    loader = torch.utils.data.DataLoader(dataset, spec['batch'], shuffle=True, drop_last=True,   # as engine.make_loader
+                                         num_workers=cfg['run']['workers'], persistent_workers=cfg['run']['workers'] > 0)
     def endless():  # epoch after epoch
         while True:
             yield from loader
@@ -291,9 +295,10 @@ def _child(spec, conn):
             for name in ('timm', 'peft'):
                 importlib.import_module(name)
         rss_before = _status_mib('VmRSS')
+        count_cpu_attention_flops()
         torch.set_num_threads(spec['threads'])
         torch.manual_seed(0)
-        device = engine._pick_device(spec['cfg']['run']['device'], 0)
+        device = engine.pick_device(spec['cfg']['run']['device'], 0)
         if spec['row'] == 'matmul':
             return conn.send(matmul_peak(spec, device))
         amp = spec['precision'] == 'bf16'
@@ -334,7 +339,7 @@ def run_child(ctx, spec):
 def bench_preset(ctx, args, name):
     overrides, batch, steps, warmup = PRESETS[name]
     cfg = engine.load_config(args.config, overrides + args.set)
-    device = engine._pick_device(cfg['run']['device'], 0)
+    device = engine.pick_device(cfg['run']['device'], 0)
     info = data.prepare(cfg['data'], cfg['run']['cache_dir'])[1]
     bf16 = args.bf16 == 'on' or args.bf16 == 'auto' and bf16_supported(device)
     spec = {'cfg': cfg, 'batch': args.batch or batch, 'steps': args.steps or steps, 'warmup': args.warmup or warmup,
@@ -467,7 +472,7 @@ def parse_args(argv=None):
                    help='bf16 autocast rows too; auto: where the device has native bf16 (CUDA, AVX512-BF16, AMX)')
     p.add_argument('--reference', action='store_true', help='time the same steps built from timm + peft too')
     p.add_argument('--tiny', action='store_true', help='a tiny model, 2 steps, every row: checks that all runs')
-    p.add_argument('--out', default='runs/bench.json', help='JSON results (default runs/bench.json)')
+    p.add_argument('--out', default='runs/speed.json', help='JSON results (default runs/speed.json)')
     args = p.parse_args(argv)
     if args.tiny:
         args.preset, args.threads = 'tiny', args.threads or 1
@@ -487,7 +492,7 @@ def main(argv=None):
     # processes' OpenMP pool at one thread.
     ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
     ctx.set_forkserver_preload(['__main__' if __name__ == '__main__' else __name__, 'torch', 'data', 'engine', 'lora',
-                                'models', 'finetune', 'pretrain_targets'])
+                                'models', 'finetune', 'pretrain_targets', 'pretrain_backbone', 'synthetic'])
     report = {'machine': {'cpu': cpu_name(), 'python': platform.python_version(), 'torch': torch.__version__,
                           'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                           'threads': args.threads, **found},

@@ -1,0 +1,87 @@
+"""synthetic.py: the generators are seeded and write real files that data.py reads like user data; stage 0's
+upstream images."""
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import engine
+import pretrain_backbone
+import synthetic
+from test_data import dcfg  # noqa: F401  (fixture)
+
+
+def test_synthetic_ct_is_deterministic_and_readable(tmp_path):
+    shape, spacing = (24, 20, 6), (14.4, 14.4, 20.0)  # a full-size abdomen on a coarse grid
+    for name, seed in (('a', 3), ('b', 3), ('c', 4)):
+        synthetic.write_synthetic_ct(tmp_path / name, n_cases=2, shape=shape, spacing=spacing, seed=seed)
+    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*.nii.gz'))
+    assert [str(p) for p in files] == ['imagesTr/ct_000.nii.gz', 'imagesTr/ct_001.nii.gz',
+                                       'labelsTr/ct_000.nii.gz', 'labelsTr/ct_001.nii.gz']
+    read = {n: [np.asarray(nib.load(tmp_path / n / p).dataobj) for p in files] for n in 'abc'}
+    assert all(np.array_equal(x, y) for x, y in zip(read['a'], read['b']))
+    assert not np.array_equal(read['a'][0], read['c'][0])
+    image, mask = nib.load(tmp_path / 'a' / files[0]), nib.load(tmp_path / 'a' / files[2])
+    assert image.shape == mask.shape == shape and image.get_data_dtype() == np.int16
+    assert np.allclose(image.header.get_zooms(), spacing)
+    assert nib.aff2axcodes(image.affine) == ('L', 'P', 'S')  # stored like DICOM, read back as RAS
+    assert np.allclose(image.affine, mask.affine)
+    hu = read['a'][0]
+    assert hu.min() >= -1024 and hu.max() > 300  # air and bone
+    assert set(np.unique(read['a'][2])) <= {0, 1, 2} and 1 in read['a'][2]
+    rows = list(csv.reader(open(tmp_path / 'a' / 'manifest.csv')))
+    assert rows == [['image', 'mask', 'label'], ['imagesTr/ct_000.nii.gz', 'labelsTr/ct_000.nii.gz', 'cyst'],
+                    ['imagesTr/ct_001.nii.gz', 'labelsTr/ct_001.nii.gz', 'metastasis']]
+    labels = json.loads((tmp_path / 'a' / 'dataset.json').read_text())['labels']
+    assert labels == {'0': 'background', '1': 'liver', '2': 'lesion'}
+    # canonical reading undoes the L/P storage: RAS affine with positive spacing, array flipped in x and y
+    arr, affine = data.load(tmp_path / 'a' / files[0])
+    assert np.allclose(np.diag(affine)[:3], spacing) and nib.aff2axcodes(affine) == ('R', 'A', 'S')
+    assert np.array_equal(arr, hu[::-1, ::-1])
+
+
+def test_synthetic_us_is_deterministic_and_readable(tmp_path):
+    for name in 'ab':
+        synthetic.write_synthetic_us(tmp_path / name, n_per_class=2, size=32, seed=1)
+    for cls in synthetic.US_CLASSES:
+        for i in range(2):
+            a = [np.array(Image.open(tmp_path / 'a' / cls / f'{cls}_{i:03d}{s}.png')) for s in ('', '_mask')]
+            b = [np.array(Image.open(tmp_path / 'b' / cls / f'{cls}_{i:03d}{s}.png')) for s in ('', '_mask')]
+            assert all(np.array_equal(x, y) for x, y in zip(a, b))
+            assert a[0].shape == a[1].shape == (32, 32) and a[0].dtype == np.uint8
+            assert set(np.unique(a[1])) <= {0, 255}
+            assert (a[1].max() == 0) == (cls == 'normal')  # lesions in benign/malignant only
+
+
+def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatch):
+    monkeypatch.setattr(synthetic, 'SYNTH_CT', dict(n_cases=4, shape=(24, 24, 6), spacing=(14.4, 14.4, 20.0)))
+    cases, info = data.prepare(dcfg, tmp_path)
+    assert len(cases) == 4 and all(c.mask and c.label is not None for c in cases)
+    assert info == {'num_classes_seg': len(synthetic.CT_CLASSES), 'num_classes_cls': len(synthetic.CT_KINDS)}
+    (folder,) = list(tmp_path.iterdir())  # no temporary folder left beside it
+    assert folder.name == 'synthetic_ct-v1-seed0-n_cases4-shape24x24x6-spacing14.4x14.4x20.0'
+    stamp = (folder / 'manifest.csv').stat().st_mtime_ns
+    data.prepare(dcfg, tmp_path)
+    assert (folder / 'manifest.csv').stat().st_mtime_ns == stamp  # reused, not regenerated
+
+    monkeypatch.setattr(synthetic, 'SYNTH_US', dict(n_per_class=2, size=32))
+    dcfg.update(layout='synthetic_us', intensity='percentile')
+    cases, info = data.prepare(dcfg, tmp_path)
+    assert len(cases) == 6 and info == {'num_classes_seg': 2, 'num_classes_cls': len(synthetic.US_CLASSES)}
+    assert [c.label for c in cases] == [0, 0, 1, 1, 2, 2] and cases[0].id.startswith(synthetic.US_CLASSES[0])
+
+
+def test_upstream_dataset(tmp_path):
+    cfg = engine.load_config(engine.REFERENCE_CONFIG, [f'run.cache_dir={tmp_path}', 'backbone.bootstrap.images=3',
+                                                       'model.img_size=16', 'model.in_chans=3'])
+    ds = pretrain_backbone.upstream_dataset(cfg)
+    assert len(ds) == 3 and len(list(next(tmp_path.iterdir()).glob('*.png'))) == 3
+    x = ds[0]['image']
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.equal(x[0], x[1])  # grey repeated to the channels a 3-channel backbone wants
+    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
+    assert x.min() >= lo and x.max() <= hi and x.std() > 0.1
