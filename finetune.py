@@ -131,7 +131,7 @@ def volumes(dataset):
 def build_model(cfg, run, backbone_path, num_classes, init):
     """Backbone (+ targets) + task head, with exactly the parameters of this init method trainable."""
     backbone = models.build_backbone(cfg)
-    run.log(models.load_checkpoint(backbone, backbone_path))
+    run.log(pretrain_backbone.load_checkpoint(backbone, backbone_path))
     fingerprint = lora.backbone_fingerprint(backbone)
     if init in ('tpp', 'random'):
         lora.inject(backbone, cfg['peft'])                         # the same target modules as stage 1

@@ -10,11 +10,20 @@ one-time cost out of stage 1. The cache folder's name is a hash of everything th
 recipe trains a new backbone instead of reusing a stale one.
 
 `train_mae` is the MAE training shared with stage 1: there only the targets (and the decoder) require grad.
+`load_checkpoint` loads any backbone checkpoint (official MAE, timm, tpp) into the models of models.py.
 """
+import argparse
 import copy
 import hashlib
 import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 import data
 import engine
@@ -79,6 +88,137 @@ def pretrain(cfg, path, recipe):
         engine.atomic_save({'model': mae.state_dict(), 'recipe': recipe}, path)
     run.barrier()
     run.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading real checkpoints (official MAE, timm, tpp) into the model of models.py
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the key and the shapes."""
+
+
+def _read_state_dict(ckpt):
+    """Path or dict -> flat {name: tensor}: MAE/tpp {'model': sd}, timm bare sd, DDP/TaskModel prefixes removed."""
+    if isinstance(ckpt, (str, os.PathLike)):
+        # weights_only refuses arbitrary pickles; the official MAE training checkpoints also hold an argparse
+        # Namespace, which is plain data and safe to allow.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(ckpt, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f'a checkpoint must be a dict, got {type(ckpt).__name__}')
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(ckpt.get(wrapper), Mapping):
+            ckpt = ckpt[wrapper]
+            break
+    sd = {k.removeprefix('module.'): v for k, v in ckpt.items()}
+    if any(k.startswith('backbone.') for k in sd):  # a tpp TaskModel: its head.* keys stay and are ignored
+        sd = {k.removeprefix('backbone.'): v for k, v in sd.items()}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            raise CheckpointError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor')
+    return sd
+
+
+def _resize_pos_embed(key, pos, shape):
+    """(1, 1+G*G, D) -> shape (1, 1+g*g, D): bicubic on the patch grid, cls row kept (as MAE's fine-tuning)."""
+    G, g = math.isqrt(pos.shape[1] - 1), math.isqrt(shape[1] - 1)
+    if pos.ndim != 3 or pos.shape[2] != shape[2] or G * G != pos.shape[1] - 1:
+        raise CheckpointError(f'{key}: checkpoint shape {tuple(pos.shape)} cannot be adapted to the model shape '
+                              f'{tuple(shape)}')
+    grid = pos[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
+    grid = F.interpolate(grid, size=(g, g), mode='bicubic', align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, g * g, -1)
+    return torch.cat([pos[:, :1].float(), grid], dim=1), f'{key} {G}x{G}->{g}x{g}'
+
+
+def _adapt_patch_embed(key, w, shape):
+    """(D, c, p, p) -> (D, C, p, p) such that a C-channel image made of one repeated grey channel gives the same
+    embedding as the grey image through the original: 3->1 sums the channel weights, 1->3 repeats them / 3."""
+    c, C = w.shape[1], shape[1]
+    if w.shape[:1] + w.shape[2:] != shape[:1] + shape[2:] or 1 not in (c, C):
+        raise CheckpointError(f'{key}: checkpoint shape {tuple(w.shape)} cannot be adapted to the model shape '
+                              f'{tuple(shape)}')
+    w = w.sum(dim=1, keepdim=True) if C == 1 else w.repeat(1, C, 1, 1) / C
+    return w, f'{key} {c}->{C} channels'
+
+
+def _adapt_decoder_pred(key, w, shape, pixels):
+    """decoder_pred rows are (pixel, channel), channel fastest: 3->1 averages the channel rows (the grey value),
+    1->3 copies them (each channel predicts the grey value)."""
+    c, C = w.shape[0] // pixels, shape[0] // pixels
+    if w.shape[0] % pixels or w.shape[1:] != shape[1:] or 1 not in (c, C):
+        raise CheckpointError(f'{key}: checkpoint shape {tuple(w.shape)} cannot be adapted to the model shape '
+                              f'{tuple(shape)}')
+    w = w.reshape(pixels, c, *w.shape[1:])
+    w = w.mean(dim=1, keepdim=True) if C == 1 else w.repeat(1, C, *[1] * (w.ndim - 2))
+    return w.reshape(shape), f'{key} {c}->{C} channels'
+
+
+def _adapt(key, value, shape, patch_size):
+    """Checkpoint tensor -> the model's shape, and a note of what was done (None when nothing)."""
+    if value.shape == shape:
+        return value, None
+    if key in ('pos_embed', 'decoder_pos_embed'):
+        return _resize_pos_embed(key, value, shape)
+    if key == 'patch_embed.proj.weight':
+        return _adapt_patch_embed(key, value, shape)
+    if key in ('decoder_pred.weight', 'decoder_pred.bias'):
+        return _adapt_decoder_pred(key, value, shape, patch_size ** 2)
+    raise CheckpointError(f'{key}: checkpoint shape {tuple(value.shape)} does not fit the model shape {tuple(shape)}')
+
+
+def load_checkpoint(model, ckpt):
+    """Load a real checkpoint into a VisionTransformer or MaskedAutoencoder; return a one-line report.
+
+    ckpt: a path or a dict: {'model': sd} (official MAE, encoder-only or with decoder; tpp, a TaskModel's
+    backbone.* included), a bare state dict (timm), with or without DDP's 'module.'. pos_embed and
+    decoder_pos_embed are interpolated to the model's patch grid; input channels are adapted (see
+    _adapt_patch_embed, _adapt_decoder_pred). The decoder is loaded when both have one; an encoder-only checkpoint
+    leaves a model's decoder as initialised. Checkpoint keys outside the model's modules (head.*, fc_norm.*, a
+    decoder the model lacks) are ignored and reported. A missing model key, a checkpoint key inside the model's
+    modules that the model lacks, or a shape that cannot be adapted raises CheckpointError naming the key and the
+    shapes.
+    """
+    if not isinstance(model, models.VisionTransformer):
+        raise TypeError(f'load_checkpoint loads backbones (VisionTransformer, MaskedAutoencoder), '
+                        f'not {type(model).__name__}')
+    source = os.path.basename(os.fspath(ckpt)) if isinstance(ckpt, (str, os.PathLike)) else 'state dict'
+    sd, own = _read_state_dict(ckpt), model.state_dict()
+    model_has_decoder = any(models.is_decoder_key(k) for k in own)
+    own_tops = {k.split('.')[0] for k in own}
+
+    loaded, interpolated, adapted, ignored = {}, [], [], Counter()
+    for key, value in sd.items():
+        if key in own:
+            loaded[key], note = _adapt(key, value, own[key].shape, model.patch_embed.patch_size)
+            if note:
+                (interpolated if key.endswith('pos_embed') else adapted).append(note)
+        elif key.split('.')[0] in own_tops:  # inside one of our modules: a different architecture, never drop it
+            hint = ' (set mae: to the checkpoint decoder sizes)' if models.is_decoder_key(key) else ''
+            raise CheckpointError(f'{key} (shape {tuple(value.shape)}) is in the checkpoint but has no place in '
+                                  f'the model{hint}')
+        else:
+            ignored['decoder' if models.is_decoder_key(key) else key.split('.')[0] + ('.*' if '.' in key else '')] += 1
+
+    ckpt_has_decoder = any(models.is_decoder_key(k) for k in loaded)
+    missing = [k for k in own if k not in loaded and not (models.is_decoder_key(k) and not ckpt_has_decoder)]
+    if missing:
+        shown = ', '.join(f'{k} {tuple(own[k].shape)}' for k in missing[:5])
+        raise CheckpointError(f'{len(missing)} model keys missing from the checkpoint: {shown}'
+                              + (', ...' if len(missing) > 5 else ''))
+    model.load_state_dict(loaded, strict=False)  # loose load, after the exact check above
+
+    n_dec = sum(map(models.is_decoder_key, loaded))
+    report = [f'loaded {len(loaded)} tensors from {source} (encoder {len(loaded) - n_dec}, decoder {n_dec})']
+    if model_has_decoder and not ckpt_has_decoder:
+        report.append('no decoder in the checkpoint: decoder kept as initialised')
+    if interpolated:
+        report.append('interpolated ' + ', '.join(interpolated))
+    if adapted:
+        report.append('adapted ' + ', '.join(adapted))
+    if ignored:
+        report.append('ignored ' + ', '.join(f'{name} ({n})' for name, n in sorted(ignored.items())))
+    return '; '.join(report)
 
 
 def main(args):

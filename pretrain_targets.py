@@ -18,7 +18,7 @@ import data
 import engine
 import lora
 import models
-from pretrain_backbone import resolve, train_mae
+from pretrain_backbone import load_checkpoint, resolve, train_mae
 
 
 def insert_targets(mae, cfg):
@@ -62,7 +62,7 @@ def main(args):
     dataset = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=True)
 
     mae = models.build_mae(cfg).to(run.device)
-    run.log(models.load_checkpoint(mae, backbone_path))          # encoder, and the decoder when the file has one
+    run.log(load_checkpoint(mae, backbone_path))          # encoder, and the decoder when the file has one
     fingerprint = lora.backbone_fingerprint(mae)                 # identifies the backbone the targets belong to
 
     # --- TPP: insert the targets into the encoder and freeze everything else explicitly

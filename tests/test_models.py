@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import models as M
+import pretrain_backbone as B
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / 'tests' / 'mae_vit_base_keys.json').read_text())
@@ -192,7 +193,7 @@ def test_official_vit_base_encoder_keys_load():
     assert list(own) == list(enc) and {k: tuple(v.shape) for k, v in own.items()} == enc  # 1:1, same order
     sd = random_like(enc)
     sd['head.weight'], sd['head.bias'] = torch.randn(1000, 768), torch.randn(1000)  # a timm classifier's head
-    report = M.load_checkpoint(model, {'model': sd})
+    report = B.load_checkpoint(model, {'model': sd})
     assert 'loaded 150 tensors' in report and 'head.* (2)' in report
     assert torch.equal(model.blocks[11].mlp.fc2.weight, sd['blocks.11.mlp.fc2.weight'])
 
@@ -203,7 +204,7 @@ def test_official_mae_decoder_keys_load():
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
     assert {k for k in shapes if M.is_decoder_key(k)} == set(FIXTURE['decoder'])
     sd = random_like(shapes)
-    report = M.load_checkpoint(model, {'model': sd})
+    report = B.load_checkpoint(model, {'model': sd})
     assert 'loaded 254 tensors' in report and '(encoder 150, decoder 104)' in report
     assert torch.equal(model.decoder_pred.weight, sd['decoder_pred.weight'])
 
@@ -213,18 +214,18 @@ def test_official_mae_decoder_keys_load():
 def test_pos_embed_interpolation():
     src = mae(img_size=16)  # 4x4 grid
     dst = mae(img_size=24)  # 6x6 grid
-    report = M.load_checkpoint(dst, src.state_dict())
+    report = B.load_checkpoint(dst, src.state_dict())
     assert dst.pos_embed.shape == (1, 37, 32) and dst.decoder_pos_embed.shape == (1, 37, 16)
     assert 'interpolated pos_embed 4x4->6x6, decoder_pos_embed 4x4->6x6' in report
     assert torch.equal(dst.pos_embed[:, 0], src.pos_embed[:, 0])  # cls row kept
     same = mae(img_size=16)
-    assert 'interpolated' not in M.load_checkpoint(same, src.state_dict())
+    assert 'interpolated' not in B.load_checkpoint(same, src.state_dict())
     assert torch.equal(same.pos_embed, src.pos_embed)
 
 
 def test_three_to_one_channel_gives_the_same_output():
     rgb, grey = vit(in_chans=3), vit(in_chans=1)
-    report = M.load_checkpoint(grey, {'model': rgb.state_dict()})
+    report = B.load_checkpoint(grey, {'model': rgb.state_dict()})
     assert 'patch_embed.proj.weight 3->1 channels' in report
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(grey(x), rgb(x.repeat(1, 3, 1, 1)))
@@ -232,14 +233,14 @@ def test_three_to_one_channel_gives_the_same_output():
 
 def test_one_to_three_channel_gives_the_same_output():
     grey, rgb = vit(in_chans=1), vit(in_chans=3)
-    M.load_checkpoint(rgb, grey.state_dict())
+    B.load_checkpoint(rgb, grey.state_dict())
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(rgb(x.repeat(1, 3, 1, 1)), grey(x))
 
 
 def test_mae_decoder_pred_channel_adaptation():
     rgb, grey = mae(in_chans=3), mae(in_chans=1)
-    report = M.load_checkpoint(grey, rgb.state_dict())
+    report = B.load_checkpoint(grey, rgb.state_dict())
     assert 'decoder_pred.weight 3->1 channels' in report
     x, noise = torch.randn(2, 1, 16, 16), torch.rand(2, 16)
     _, pred_grey, _ = grey(x, noise=noise)
@@ -250,36 +251,36 @@ def test_mae_decoder_pred_channel_adaptation():
 def test_missing_key_raises_naming_it():
     sd = vit().state_dict()
     del sd['blocks.2.attn.qkv.weight']
-    with pytest.raises(M.CheckpointError, match=r'blocks\.2\.attn\.qkv\.weight \(96, 32\)'):
-        M.load_checkpoint(vit(), sd)
+    with pytest.raises(B.CheckpointError, match=r'blocks\.2\.attn\.qkv\.weight \(96, 32\)'):
+        B.load_checkpoint(vit(), sd)
 
 
 def test_unadaptable_shape_raises_naming_both_shapes():
     sd = vit(embed_dim=64).state_dict()
-    with pytest.raises(M.CheckpointError, match=r'cls_token: checkpoint shape \(1, 1, 64\).*\(1, 1, 32\)'):
-        M.load_checkpoint(vit(), sd)
+    with pytest.raises(B.CheckpointError, match=r'cls_token: checkpoint shape \(1, 1, 64\).*\(1, 1, 32\)'):
+        B.load_checkpoint(vit(), sd)
     sd = vit(patch_size=8).state_dict()
-    with pytest.raises(M.CheckpointError, match=r'patch_embed\.proj\.weight.*\(32, 1, 8, 8\).*\(32, 1, 4, 4\)'):
-        M.load_checkpoint(vit(), sd)
+    with pytest.raises(B.CheckpointError, match=r'patch_embed\.proj\.weight.*\(32, 1, 8, 8\).*\(32, 1, 4, 4\)'):
+        B.load_checkpoint(vit(), sd)
 
 
 def test_foreign_key_inside_our_modules_raises():
     sd = vit().state_dict()
     sd['blocks.0.ls1.gamma'] = torch.ones(32)  # layer scale: a different block design, never silently dropped
-    with pytest.raises(M.CheckpointError, match=r'blocks\.0\.ls1\.gamma'):
-        M.load_checkpoint(vit(), sd)
+    with pytest.raises(B.CheckpointError, match=r'blocks\.0\.ls1\.gamma'):
+        B.load_checkpoint(vit(), sd)
 
 
 def test_decoder_and_head_handling():
     full = mae()
-    report = M.load_checkpoint(vit(), {'model': full.state_dict()})  # decoder into an encoder-only model
+    report = B.load_checkpoint(vit(), {'model': full.state_dict()})  # decoder into an encoder-only model
     assert 'ignored decoder (' in report
-    report = M.load_checkpoint(mae(), vit().state_dict())  # encoder-only checkpoint into an MAE
+    report = B.load_checkpoint(mae(), vit().state_dict())  # encoder-only checkpoint into an MAE
     assert 'decoder kept as initialised' in report
     partial = full.state_dict()
     del partial['decoder_norm.bias']
-    with pytest.raises(M.CheckpointError, match='decoder_norm.bias'):
-        M.load_checkpoint(mae(), partial)
+    with pytest.raises(B.CheckpointError, match='decoder_norm.bias'):
+        B.load_checkpoint(mae(), partial)
 
 
 def test_tpp_task_model_checkpoint_and_path(tmp_path):
@@ -288,7 +289,7 @@ def test_tpp_task_model_checkpoint_and_path(tmp_path):
     path = tmp_path / 'ckpt.pth'
     torch.save({'model': ddp, 'epoch': 3, 'args': argparse.Namespace(lr=1e-3)}, path)  # as MAE's training saves
     target = vit()
-    report = M.load_checkpoint(target, path)
+    report = B.load_checkpoint(target, path)
     assert report.startswith('loaded 54 tensors from ckpt.pth') and 'ignored head.* (4)' in report
     assert torch.equal(target.norm.weight, task.backbone.norm.weight)
 
@@ -296,8 +297,8 @@ def test_tpp_task_model_checkpoint_and_path(tmp_path):
 def test_missing_key_is_named():
     sd = vit().state_dict()
     del sd['blocks.1.mlp.fc1.bias']
-    with pytest.raises(M.CheckpointError, match=r'1 model keys missing.*blocks\.1\.mlp\.fc1\.bias'):
-        M.load_checkpoint(vit(), sd)
+    with pytest.raises(B.CheckpointError, match=r'1 model keys missing.*blocks\.1\.mlp\.fc1\.bias'):
+        B.load_checkpoint(vit(), sd)
 
 
 def test_vit_kwargs_presets_and_overrides():

@@ -10,6 +10,7 @@ import transformers
 from timm.models import vision_transformer
 
 import models as M
+import pretrain_backbone as B
 
 SIZES = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0)
 
@@ -30,7 +31,7 @@ def test_timm_vision_transformer_same_keys_and_features():
         torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x))
     # and back: a timm state dict is a checkpoint load_checkpoint takes as it is
     back = M.VisionTransformer(in_chans=3, **SIZES).eval()
-    assert M.load_checkpoint(back, theirs.state_dict()).startswith('loaded 30 tensors')
+    assert B.load_checkpoint(back, theirs.state_dict()).startswith('loaded 30 tensors')
     torch.testing.assert_close(back.forward_features(x), ours.forward_features(x), rtol=0, atol=0)
 
 

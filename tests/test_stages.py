@@ -25,7 +25,7 @@ def test_stage0_makes_the_backbone_once_and_loads_as_a_checkpoint(tmp_path, cach
     ckpt = torch.load(path, weights_only=True)
     assert ckpt['recipe'] == pretrain_backbone.default_path(engine.load_config(cfg))[1]
     mae = models.build_mae(engine.load_config(cfg))
-    assert models.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')   # all of them
+    assert pretrain_backbone.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')   # all of them
     other = pretrain_backbone.default_path(engine.load_config(cfg, ['backbone.bootstrap.epochs=2']))[0]
     assert other != path and not other.exists()                          # another recipe, another backbone
 
