@@ -65,8 +65,8 @@ class LoRA(Target):
     def forward(self, x, y):
         """Add the update to the base layer's output y (..., out) computed from input x (..., in)."""
         a = (self.dropout(x) @ self.A.t()) * self.scaling                     # (..., g*r): scale the narrow side
-        a = a.unflatten(-1, (self.groups, self.r))                             # (..., g, r): one pair per slice
-        delta = torch.einsum('...gr,gdr->...gd', a, self.B.view(self.groups, self.width, self.r)).flatten(-2)
+        B = self.B.view(self.groups, self.width, self.r)                       # (g, d, r): one pair per slice
+        delta = torch.cat([a[..., i * self.r:(i + 1) * self.r] @ B[i].t() for i in range(self.groups)], -1)  # (..., g*d)
         return y + delta if self.rows is None else y.index_add(-1, self.rows, delta.to(y.dtype))
 
 

@@ -86,6 +86,21 @@ def test_merge_matches_unmerged_and_unmerge_restores():
         torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize('qv_only', [False, True])
+def test_lora_runs_under_bf16_autocast(qv_only):
+    """Both LoRA layouts (one pair, and q/v slices of the fused qkv) under CPU autocast, as run.amp=bf16 trains."""
+    model = vit()
+    lora.inject(model, peft(qv_only=qv_only))
+    lora.mark_trainable(model)
+    train_steps(model)                                                 # B != 0: the update is in the output
+    x = images()
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model.forward_features(x)
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
 def test_merged_export_is_a_plain_vit():
     model = vit()
     lora.inject(model, peft(layers=('qkv', 'fc2'), qv_only=True))
