@@ -219,7 +219,7 @@ def main(args):
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume)
     start = time.time()
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
         raise engine.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
