@@ -125,20 +125,18 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adapter_attn = None  # adapter(h, y) -> y': sees the branch input h and output y
+        self.adapter_attn = None  # adapter(x, y) -> y': sees the residual stream x (pre-norm), branch output y
         self.adapter_mlp = None
 
     def forward(self, x):
         """x: (B, N, D) -> (B, N, D)."""
-        h = self.norm1(x)
-        y = self.attn(h)
+        y = self.attn(self.norm1(x))
         if self.adapter_attn is not None:
-            y = self.adapter_attn(h, y)
+            y = self.adapter_attn(x, y)
         x = x + y
-        h = self.norm2(x)
-        y = self.mlp(h)
+        y = self.mlp(self.norm2(x))
         if self.adapter_mlp is not None:
-            y = self.adapter_mlp(h, y)
+            y = self.adapter_mlp(x, y)
         return x + y
 
 
