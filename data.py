@@ -235,10 +235,14 @@ def read_csv(path: Path):
     """Manifest with columns image and label and/or mask (paths relative to the CSV), optional split and case."""
     if not path.is_file():
         raise DataError(f'{path}: manifest not found (data.root for data.layout csv is the CSV file)')
-    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: spreadsheet programs add a BOM
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = [c.strip() for c in reader.fieldnames or []]
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: spreadsheet programs add a BOM
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = [c.strip() for c in reader.fieldnames or []]
+    except UnicodeDecodeError as e:
+        raise DataError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the manifest as UTF-8 '
+                        f'(in spreadsheet programs: CSV UTF-8)') from None
     if 'image' not in columns:
         raise DataError(f'{path}: no "image" column (columns: {columns})')
     rows = [{k.strip(): (v or '').strip() for k, v in row.items() if k is not None} for row in rows]
@@ -251,8 +255,11 @@ def read_csv(path: Path):
     label_names = None
     if 'label' in columns:
         raw = [row['label'] for row in rows]
-        if all(re.fullmatch(r'\d+', v) for v in raw):
+        if all(re.fullmatch(r'-?\d+', v) for v in raw):
             labels = [int(v) for v in raw]
+            if min(labels) < 0:
+                raise DataError(f'{path} line {labels.index(min(labels)) + 2}: label {min(labels)} is negative; '
+                                f'labels are class indices 0, 1, ... or class names (drop unlabelled rows)')
         else:  # class names: indices in sorted order
             label_names = sorted(set(raw))
             labels = [label_names.index(v) for v in raw]
@@ -300,6 +307,8 @@ def read_folder(root: Path, suffix: str):
             any_mask |= bool(found)
             cases.append(Case(f'{cls}/{_stem(p)}', p, found[0] if found else None, label,
                               extra_masks=tuple(found[1:])))
+        if not images and not masks:  # an empty class could be neither learned nor scored
+            raise DataError(f'{root / cls}: class folder without images; add its images or remove the folder')
         if masks:
             orphan = sorted(masks.values())[0][0]
             raise DataError(f'{orphan}: mask without an image (expected {orphan.parent}/'
@@ -316,9 +325,26 @@ def read_folder(root: Path, suffix: str):
 # prepare: resolve the layout, then validate every case before training
 # ----------------------------------------------------------------------------------------------------------------
 
-def prepare(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
-    """Resolve data.layout (synthetic sets are written to cache_dir on first use), list and validate every case.
-    Returns (cases, info) with info keys num_classes_seg (incl. background) or None and num_classes_cls or None."""
+def _check_intensity(dcfg):
+    """data.intensity and the [low, high] pair it uses, checked before any file is read."""
+    mode = dcfg['intensity']
+    if mode not in ('window', 'percentile', 'none'):
+        raise DataError(f"data.intensity: {mode!r} is not one of window | percentile | none")
+    if mode == 'none':
+        return
+    pair = dcfg[mode]
+    ok = (isinstance(pair, (list, tuple)) and len(pair) == 2 and
+          all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair))
+    if not (ok and pair[0] < pair[1] and (mode == 'window' or 0 <= pair[0] and pair[1] <= 100)):
+        raise DataError(f"data.{mode}: {pair!r} must be [low, high] with low < high"
+                        f"{' (Hounsfield units)' if mode == 'window' else ', both in [0, 100]'}")
+
+
+def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
+    """Resolve data.layout (synthetic sets are written to cache_dir on first use), list and validate every case; with
+    a task ('classification' / 'segmentation') also refuse data with one class for it. Returns (cases, info) with info
+    keys num_classes_seg (incl. background) or None and num_classes_cls or None."""
+    _check_intensity(dcfg)
     layout, root = dcfg['layout'], dcfg.get('root')
     if layout == 'synthetic_ct':
         root = synthetic.synthetic_root('ct', cache_dir)
@@ -337,10 +363,10 @@ def prepare(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
         raise DataError(f'data.layout: {layout!r} is not one of synthetic_ct | synthetic_us | msd | csv | folder')
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
-    return cases, validate(cases, names, dcfg)
+    return cases, validate(cases, names, dcfg, task)
 
 
-def validate(cases: list[Case], names: dict, dcfg: dict) -> dict:
+def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
     """Decode every file once and check it; the first problem raises a DataError naming the file. Returns the class
     counts: names from dataset.json / class folders / label names when there are some, else the largest value + 1."""
     if dcfg['intensity'] == 'window':
@@ -350,11 +376,14 @@ def validate(cases: list[Case], names: dict, dcfg: dict) -> dict:
                             f'image file; set data.intensity: percentile (or none)')
     configured = dcfg.get('num_classes')
     seg_k = configured or (len(names['class_names']) if names['class_names'] else None)
-    mask_max = -1
+    seen, top = set(), None  # mask values over all masks, and the mask holding the largest
     for c in cases:
         if not c.image.exists():
             raise DataError(f'{c.image}: image file not found (case {c.id})')
         image, affine = load(c.image)
+        if image.dtype.kind == 'f' and not np.isfinite(image).all():
+            raise DataError(f'{c.image}: {(~np.isfinite(image)).sum()} NaN/Inf voxels; replace them (for example '
+                            f'with the background value) or leave the case out')
         if c.mask is None:
             continue
         for path in (c.mask, *c.extra_masks):
@@ -376,7 +405,19 @@ def validate(cases: list[Case], names: dict, dcfg: dict) -> dict:
                 source = 'data.num_classes' if configured else 'dataset.json labels'
                 raise DataError(f'{path}: mask values {values.astype(int).tolist()} outside the {seg_k} classes '
                                 f'0..{seg_k - 1} ({source})')
-            mask_max = max(mask_max, int(values[-1]))
+            if top is None or values[-1] > max(seen):
+                top = path
+            seen.update(values.astype(int).tolist())
+    if seen and not seg_k:  # classes inferred from the values: 0/128 masks must not become 129 classes
+        unused = sorted(set(range(max(seen))) - seen)
+        if unused:
+            gap = ', '.join(map(str, unused[:5])) + (', ...' if len(unused) > 5 else '')
+            raise DataError(f'{top}: mask value {max(seen)}, but no mask holds {gap}; masks hold class indices '
+                            f'0..K-1 (0/255 is read as 0/1): save them so (a binary 0/c mask as mask > 0) or, if '
+                            f'classes really are absent, set data.num_classes')
+    if task == 'segmentation' and seen == {0}:
+        raise DataError(f'{cases[0].mask} and the others: all {len(cases)} masks hold only background (0); '
+                        f'segmentation needs a foreground class (check the masks or data.mask_suffix)')
     labelled = [c for c in cases if c.label is not None]
     cls_k = None
     if labelled:
@@ -386,7 +427,12 @@ def validate(cases: list[Case], names: dict, dcfg: dict) -> dict:
             if not 0 <= c.label < cls_k:
                 raise DataError(f'{c.image}: label {c.label} outside the {cls_k} classes 0..{cls_k - 1} '
                                 f'(data.num_classes)')
-    seg_k = seg_k or (max(mask_max + 1, 2) if mask_max >= 0 else None)
+        if task == 'classification' and len({c.label for c in labelled}) == 1:
+            k = labelled[0].label
+            name = f" ({names['label_names'][k]})" if names['label_names'] else ''
+            raise DataError(f'{labelled[0].image} and the others: all {len(labelled)} labelled images have class '
+                            f'{k}{name}; classification needs two classes or more (check the labels in data.root)')
+    seg_k = seg_k or (max(max(seen) + 1, 2) if seen else None)
     return {'num_classes_seg': seg_k, 'num_classes_cls': cls_k}
 
 

@@ -5,7 +5,7 @@
 finetune.init:
   tpp     the same backbone and PEFT modules as stage 1, the targets loaded from its targets.pth (TPP)
   random  the same PEFT modules from their usual initialisation (plain PEFT, the baseline TPP improves on)
-  full    every backbone parameter fine-tuned (reference)
+  full    every backbone parameter fine-tuned but the fixed sin-cos pos_embed (reference)
   linear  frozen backbone, only the task head trained (reference)
 The task head (classification or segmentation) always trains. Validation picks the best epoch; the test split is
 evaluated once, with it. Results: <run folder>/metrics.json, TensorBoard, best.pth and the inference model model.pth.
@@ -74,7 +74,8 @@ def classification_metrics(probs, labels, num_classes):
     f1 = []
     for c in range(num_classes):
         tp, fp, fn = ((pred == c) & (labels == c)).sum(), ((pred == c) & (labels != c)).sum(), ((pred != c) & (labels == c)).sum()
-        f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+        if tp + fp + fn:   # a class absent from both labels and predictions is left out (as scikit-learn)
+            f1.append(2 * tp / (2 * tp + fp + fn))
     auc = auc_ovr(probs, labels)
     acc = float((pred == labels).mean())
     return {'score': auc if np.isfinite(auc) else acc, 'accuracy': acc, 'macro_f1': float(np.mean(f1)), 'auc': auc,
@@ -158,8 +159,8 @@ def add_head(cfg, backbone, num_classes, init):
     model = models.TaskModel(backbone, models.build_head(cfg, num_classes))
     extra = model.head.parameters()
     if init == 'full':   # every parameter the forward uses (DDP needs that): segmentation skips the final norm
-        extra = [p for n, p in model.named_parameters()
-                 if not (cfg['finetune']['task'] == 'segmentation' and n.startswith('backbone.norm.'))]
+        extra = [p for n, p in model.named_parameters() if n != 'backbone.pos_embed'       # fixed sin-cos, as in MAE
+                 and not (cfg['finetune']['task'] == 'segmentation' and n.startswith('backbone.norm.'))]
     return model, lora.mark_trainable(model, extra=list(extra))
 
 
@@ -219,7 +220,7 @@ def main(args):
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume)
     start = time.time()
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
         raise engine.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "

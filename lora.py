@@ -103,11 +103,13 @@ class LoRALinear(nn.Linear):
 # Adapters
 
 class Adapter(Target):
-    """Bottleneck adapter, called by models.Block as adapter(h, y) -> y' where h is a sub-layer's input, y its output.
+    """Bottleneck adapter, called by models.Block as adapter(x, y) -> y' where x is the residual stream entering a
+    branch (before its norm) and y the branch output.
 
-    parallel   (AdaptFormer): y + s * up(relu(down(h)))    beside the MLP, reading the MLP's input
+    parallel   (AdaptFormer): y + s * up(relu(down(x)))    beside the MLP, reading x as AdaptFormer does
     sequential (Houlsby):     y + s * up(relu(down(y)))    after attention and after the MLP
-    `up` is zero-initialised, so an injected model starts exactly equal to the backbone.
+    `up` and the `down` bias are zero-initialised (AdaptFormer's init), so an injected model starts exactly equal to
+    the backbone.
     """
 
     def __init__(self, dim, bottleneck, scale, kind):
@@ -116,11 +118,12 @@ class Adapter(Target):
         self.kind, self.scale = kind, scale
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, h, y):                                                   # (B, N, D), (B, N, D)
-        src = h if self.kind == 'parallel' else y
+    def forward(self, x, y):                                                   # (B, N, D), (B, N, D)
+        src = x if self.kind == 'parallel' else y
         return y + self.scale * self.up(F.relu(self.down(src)))
 
 

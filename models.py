@@ -22,8 +22,8 @@ import torch.nn.functional as F
 # Fixed 2D sin-cos position embedding (the official MAE table)
 
 def _sincos_1d(dim, pos):
-    """pos: (M,) float32 positions -> (M, dim): sines of dim/2 frequencies, then their cosines."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float32) / np.float32(dim / 2))  # (dim/2,)
+    """pos: (M,) float64 positions -> (M, dim) float64: sines of dim/2 frequencies, then their cosines."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (dim/2,)
     angles = np.outer(pos, omega)  # (M, dim/2)
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
@@ -32,15 +32,16 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     """(grid_size**2 [+1], embed_dim) table for patches in raster order, as the official MAE lays it out.
 
     The first half of the channels encodes the column, the second half the row; with cls_token a zero row comes
-    first. Computed in float32 like the official code, so a fresh table is bit-identical to a checkpoint's.
+    first. Computed in float64 like the official code and cast to float32 at the end, as its copy into the float32
+    parameter does, so a fresh table is bit-identical to a checkpoint's.
     """
     if embed_dim % 4:
         raise ValueError(f'the 2D sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}')
-    rows, cols = np.divmod(np.arange(grid_size * grid_size, dtype=np.float32), np.float32(grid_size))  # raster order
+    rows, cols = np.divmod(np.arange(grid_size * grid_size, dtype=np.float64), grid_size)  # raster order
     table = np.concatenate([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], axis=1)
     if cls_token:
-        table = np.concatenate([np.zeros((1, embed_dim), dtype=np.float32), table], axis=0)
-    return table
+        table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
+    return table.astype(np.float32)
 
 
 def _fixed_sincos_(param, grid_size):
@@ -125,20 +126,18 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adapter_attn = None  # adapter(h, y) -> y': sees the branch input h and output y
+        self.adapter_attn = None  # adapter(x, y) -> y': sees the residual stream x (pre-norm), branch output y
         self.adapter_mlp = None
 
     def forward(self, x):
         """x: (B, N, D) -> (B, N, D)."""
-        h = self.norm1(x)
-        y = self.attn(h)
+        y = self.attn(self.norm1(x))
         if self.adapter_attn is not None:
-            y = self.adapter_attn(h, y)
+            y = self.adapter_attn(x, y)
         x = x + y
-        h = self.norm2(x)
-        y = self.mlp(h)
+        y = self.mlp(self.norm2(x))
         if self.adapter_mlp is not None:
-            y = self.adapter_mlp(h, y)
+            y = self.adapter_mlp(x, y)
         return x + y
 
 

@@ -304,3 +304,67 @@ def test_lossy_and_colour_masks(tmp_path, dcfg):
         tmp_path / 'x_rgb.png')
     manifest = write_csv(tmp_path / 'n.csv', [['image', 'mask', 'case'], ['x.png', 'x_rgb.png', 'patient7']])
     bad(dcfg, r'x_rgb.png: colour mask', layout='csv', root=str(manifest), intensity='none')
+
+
+def test_non_finite_voxels_refused(tmp_path, dcfg):
+    root = msd_tree(tmp_path / 'T')
+    img = np.zeros((8, 8, 4), np.float32)
+    img[0, 0, :2], img[1, 1, 1] = np.nan, np.inf
+    save_nifti(root / 'imagesTr' / 'c1.nii.gz', img)
+    bad(dcfg, r'imagesTr/c1.nii.gz: 3 NaN/Inf voxels', layout='msd', root=str(root))
+
+
+@pytest.mark.parametrize('key, value', [('window', [240, -160]), ('window', [40, 40]), ('window', [40]),
+                                        ('window', 'abc'), ('window', [0, float('nan')]), ('percentile', [99.5, 0.5]),
+                                        ('percentile', [-1, 50]), ('percentile', [1, 101]), ('intensity', 'ct')])
+def test_bad_intensity_settings_named_before_reading(dcfg, key, value):
+    cfg = {key: value, 'intensity': value if key == 'intensity' else key}
+    bad(dcfg, rf'data.{key}: ', layout='msd', root='/nonexistent', **cfg)    # before the missing folder is noticed
+
+
+def test_mask_values_must_be_class_indices(tmp_path, dcfg):
+    for n in range(2):
+        save_png(tmp_path / f'{n}.png', np.full((8, 8), 9))
+        save_png(tmp_path / f'{n}_m.png', np.pad(np.full((2, 2), 128), 3))          # 0/128: not 0..K-1, not 0/255
+    manifest = write_csv(tmp_path / 'm.csv', [['image', 'mask']] + [[f'{n}.png', f'{n}_m.png'] for n in range(2)])
+    bad(dcfg, r'_m.png: mask value 128, but no mask holds 1, 2, 3, 4, 5, ...', layout='csv', root=str(manifest),
+        intensity='none')
+    root = msd_tree(tmp_path / 'T')
+    save_nifti(root / 'labelsTr' / 'c1.nii.gz', np.pad(np.full((2, 2, 2), 3, np.uint8), ((3, 3), (3, 3), (1, 1))))
+    (root / 'dataset.json').unlink()                                     # classes inferred: 0, 1, 3 has a gap
+    bad(dcfg, r'labelsTr/c1.nii.gz: mask value 3, but no mask holds 2;', layout='msd', root=str(root))
+    _, info = data.prepare(dict(dcfg, layout='msd', root=str(root), num_classes=4), tmp_path)
+    assert info['num_classes_seg'] == 4                                  # a count that is given allows unused classes
+
+
+def test_one_class_data_refused_for_its_task(tmp_path, dcfg):
+    for n in range(3):
+        save_png(tmp_path / 'f' / 'only' / f'{n}.png', np.full((8, 8), 9))
+    folder = dict(dcfg, layout='folder', root=str(tmp_path / 'f'), intensity='none')
+    with pytest.raises(DataError, match=r'f/only/0.png .*all 3 labelled images have class 0 \(only\)'):
+        data.prepare(folder, tmp_path, task='classification')
+    assert data.prepare(folder, tmp_path)[1]['num_classes_cls'] == 1     # images only (stage 1): accepted
+    root = msd_tree(tmp_path / 'T')
+    for n in range(3):
+        save_nifti(root / 'labelsTr' / f'c{n}.nii.gz', np.zeros((8, 8, 4), np.uint8))
+    msd = dict(dcfg, layout='msd', root=str(root))
+    with pytest.raises(DataError, match=r'labelsTr/c0.nii.gz .*all 3 masks hold only background'):
+        data.prepare(msd, tmp_path, task='segmentation')
+    assert data.prepare(msd, tmp_path)[1]['num_classes_seg'] == 2
+
+
+def test_empty_class_folder_refused(tmp_path, dcfg):
+    save_png(tmp_path / 'a' / 'x.png', np.zeros((8, 8)))
+    save_png(tmp_path / 'c' / 'y.png', np.zeros((8, 8)))
+    (tmp_path / 'b').mkdir()
+    (tmp_path / 'b' / '.DS_Store').write_bytes(b'')
+    bad(dcfg, r'/b: class folder without images', layout='folder', root=str(tmp_path), intensity='none')
+
+
+def test_negative_and_non_utf8_csv_labels(tmp_path, dcfg):
+    save_png(tmp_path / 'x.png', np.zeros((8, 8)))
+    save_png(tmp_path / 'y.png', np.zeros((8, 8)))
+    manifest = write_csv(tmp_path / 'm.csv', [['image', 'label'], ['x.png', '1'], ['y.png', '-1']])
+    bad(dcfg, r'm.csv line 3: label -1 is negative', layout='csv', root=str(manifest), intensity='none')
+    (tmp_path / 'l.csv').write_bytes('image,label\nx.png,bénin\ny.png,malin\n'.encode('latin-1'))
+    bad(dcfg, r'l.csv: not UTF-8 text .*byte 19', layout='csv', root=str(tmp_path / 'l.csv'), intensity='none')

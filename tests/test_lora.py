@@ -133,6 +133,33 @@ def test_qv_only_leaves_k_untouched():
     assert layer.lora.A.shape == (2 * 4, D) and layer.lora.B.shape == (2 * D, 4)   # one rank-r pair for q, one for v
 
 
+@pytest.mark.parametrize('kind', ['parallel', 'sequential'])
+def test_adapters_read_what_their_papers_read(kind):
+    """AdaptFormer: x + mlp(norm2(x)) + s * up(relu(down(x))) on the residual stream x, before norm2; Houlsby: each
+    branch output y becomes y + s * up(relu(down(y))). Zero up and zero down bias (AdaptFormer's init)."""
+    model = vit()
+    lora.inject(model, peft(r=0, adapter=kind, dim=8, scale=0.5))
+    blk, ad = model.blocks[0], model.blocks[0].adapter_mlp
+    assert not ad.up.weight.any() and not ad.up.bias.any() and not ad.down.bias.any() and ad.down.weight.any()
+    for m in (blk.adapter_attn, ad):
+        if m is not None:
+            nn.init.normal_(m.up.weight)
+    x = torch.randn(2, 5, D)
+
+    def bottleneck(m, v):
+        return 0.5 * m.up(torch.relu(m.down(v)))
+    with torch.no_grad():
+        if kind == 'parallel':
+            x1 = x + blk.attn(blk.norm1(x))
+            expected = x1 + blk.mlp(blk.norm2(x1)) + bottleneck(ad, x1)
+        else:
+            y = blk.attn(blk.norm1(x))
+            x1 = x + y + bottleneck(blk.adapter_attn, y)
+            y = blk.mlp(blk.norm2(x1))
+            expected = x1 + y + bottleneck(ad, y)
+        torch.testing.assert_close(blk(x), expected, atol=1e-6, rtol=0)
+
+
 def test_inject_only_into_encoder_and_bad_pattern_lists_layers():
     mae = vit(mae=True)
     lora.inject(mae, peft(layers=('qkv', 'fc1'), adapter='sequential'))

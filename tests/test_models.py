@@ -102,7 +102,7 @@ def test_mae_shapes_and_visible_tokens_only():
 
 def test_block_adapter_slots():
     class Zero(torch.nn.Module):
-        def forward(self, h, y):
+        def forward(self, x, y):
             return torch.zeros_like(y)
 
     blk, x = M.Block(32, 2).eval(), torch.randn(2, 5, 32)

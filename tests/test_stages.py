@@ -57,6 +57,22 @@ def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeyp
 
 
 @pytest.mark.parametrize('task', ['segmentation', 'classification'])
+def test_full_finetuning_keeps_the_fixed_pos_embed(tmp_path, cache, task):
+    cfg = engine.load_config(tiny_config(tmp_path, cache), [f'finetune.task={task}'])
+    model, _ = finetune.add_head(cfg, models.build_backbone(cfg), 3, 'full')
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    unused = {'backbone.norm.weight', 'backbone.norm.bias'} if task == 'segmentation' else set()
+    assert frozen == {'backbone.pos_embed'} | unused          # the sin-cos table stays fixed, as in MAE fine-tuning
+
+
+def test_macro_f1_leaves_out_classes_absent_from_labels_and_predictions():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.eye(4)[[0, 0, 1, 3]]                            # class 2: never true, never predicted; 3: predicted
+    m = finetune.classification_metrics(probs, labels, 4)
+    assert m['macro_f1'] == pytest.approx((1 + 2 / 3 + 0) / 3)  # classes 0, 1, 3
+
+
+@pytest.mark.parametrize('task', ['segmentation', 'classification'])
 def test_stage2_loads_targets_and_learns(tmp_path, cache, task):
     cfg = tiny_config(tmp_path, cache)
     pretrain_targets.main(args(cfg))
