@@ -117,3 +117,18 @@ def test_interrupted_run_resumes_exactly(tmp_path, cache, crash_after_checkpoint
         ma, mb = (json.loads((p / 'metrics.json').read_text()) for p in (straight, resumed))
         assert ma['test'] == mb['test'] and ma['history'] == mb['history']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prompt_tuning_alone_through_both_stages(tmp_path, cache):
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
+    vpt = ['peft.prompt.tokens=8', 'peft.lora.r=0']
+    path = pretrain_targets.main(args(cfg, *vpt))
+    saved = torch.load(path, weights_only=True)
+    assert set(saved['targets']) == {'prompt.tokens'} and saved['targets']['prompt.tokens'].shape == (1, 8, 32)
+    assert saved['meta']['peft']['prompt'] == {'tokens': 8, 'deep': False}
+    run_dir = finetune.main(args(cfg, *vpt))
+    assert 'targets: loaded' in (run_dir / 'log.txt').read_text()
+    model = torch.load(run_dir / 'model.pth', weights_only=False)['model']
+    assert not model['backbone.prompt.tokens'].equal(saved['targets']['prompt.tokens'])   # fine-tuned from there
+    with pytest.raises(lora.TargetMismatchError, match=r'peft'):
+        finetune.main(args(cfg, *vpt, 'peft.prompt.deep=true', 'finetune.name=deep'))
