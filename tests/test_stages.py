@@ -132,3 +132,22 @@ def test_prompt_tuning_alone_through_both_stages(tmp_path, cache):
     assert not model['backbone.prompt.tokens'].equal(saved['targets']['prompt.tokens'])   # fine-tuned from there
     with pytest.raises(lora.TargetMismatchError, match=r'peft'):
         finetune.main(args(cfg, *vpt, 'peft.prompt.deep=true', 'finetune.name=deep'))
+
+
+def test_medmnist_file_through_both_stages(tmp_path, cache):
+    rng = np.random.default_rng(0)
+    npz = {}
+    for split, n in (('train', 64), ('val', 8), ('test', 8)):
+        labels = np.arange(n) % 2
+        images = rng.integers(20, 80, (n, 28, 28), dtype=np.uint8)
+        images[labels == 1, 8:20, 8:20] = 220                                    # class 1: a bright square
+        npz.update({f'{split}_images': images, f'{split}_labels': labels[:, None].astype(np.uint8)})
+    np.savez(tmp_path / 'breastmnist.npz', **npz)
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
+    medmnist = ['data.layout=medmnist', f'data.root={tmp_path / "breastmnist.npz"}', 'data.intensity=none']
+    pretrain_targets.main(args(cfg, *medmnist))
+    run_dir = finetune.main(args(cfg, *medmnist, 'finetune.task=classification', 'data.label_fraction=0.5'))
+    assert 'classification: 32 labelled training cases (32 slices, label_fraction 0.5), 8 val, 8 test' in \
+        (run_dir / 'log.txt').read_text()                                       # the file's own splits
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    assert metrics['test']['majority_floor'] == 0.5 and 0 <= metrics['test']['auc'] <= 1
