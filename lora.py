@@ -265,8 +265,8 @@ def load_target_state_dict(model, sd):
         raise TargetMismatchError(
             f'saved targets ({_summary(sd)}) do not match this model\'s ({_summary(params)}): '
             f'missing {missing[:4]}{" ..." if len(missing) > 4 else ""}, '
-            f'unexpected {unexpected[:4]}{" ..." if len(unexpected) > 4 else ""} (peft.lora.layers / peft.adapter.kind / '
-            f'peft.prompt.tokens)')
+            f'unexpected {unexpected[:4]}{" ..." if len(unexpected) > 4 else ""} '
+            f'(peft.lora.layers / peft.adapter.kind / peft.prompt.tokens)')
     for name, p in params.items():
         if sd[name].shape != p.shape:
             raise TargetMismatchError(f'target {name}: saved shape {tuple(sd[name].shape)}, model shape '
