@@ -5,8 +5,9 @@
     ds = SliceDataset(splits['train'], cfg['data'], img_size, in_chans, task='segmentation', train=True)
 
 Layouts (data.layout): msd (imagesTr/ + labelsTr/ [+ dataset.json]), csv (a manifest of image,label / image,mask),
-folder (root/<class>/*.png with x_mask.png beside x.png), and the built-in synthetic_ct / synthetic_us, which
-synthetic.py writes once into run.cache_dir in the msd+csv and folder layouts; they are read here like real data.
+folder (root/<class>/*.png with x_mask.png beside x.png), medmnist (one MedMNIST v2 .npz, read into memory), and the
+built-in synthetic_ct / synthetic_us, which synthetic.py writes once into run.cache_dir in the msd+csv and folder
+layouts; they are read here like real data.
 
 Volumes are reoriented to the closest canonical (RAS) orientation and cut into 2D slices along data.axis; a 2D image
 is one slice. Intensities go to [0, 1] (CT window, per-image percentiles, or as stored), then (x - mean) / std.
@@ -14,6 +15,7 @@ is one slice. Intensities go to [0, 1] (CT window, per-image percentiles, or as 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -111,9 +113,41 @@ def _read(path: Path, mask: bool):
     return arr, affine
 
 
+def in_npz(path: Path) -> bool:
+    """True for one image inside a MedMNIST file, named <file>.npz/<split>_images/<index> as zipfile.Path names a
+    member: the cases of data.layout medmnist, read from memory."""
+    return path.parent.parent.suffix == '.npz'
+
+
+def read_npz(path: Path) -> dict:
+    """Every array of an .npz, read once per process and file version (np.load decompresses a member on each access)."""
+    stat = path.stat()
+    return _read_npz(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_npz(path, mtime_ns, size):
+    try:
+        with np.load(path) as f:
+            return dict(f)
+    except Exception as e:  # not a zip, a pickled object array, a truncated download
+        raise DataError(f'{path}: unreadable .npz ({type(e).__name__}: {e})') from None
+
+
+def _read_npz_image(path: Path):
+    """An RGB image (H, W, 3) goes to grey as _read_2d does (PIL 'L'); a volume (D, H, W) becomes (H, W, D), so
+    data.axis 2 cuts it into its D slices, as it cuts a NIfTI volume along z."""
+    arr = read_npz(path.parent.parent)[path.parent.name][int(path.name)]
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        return np.array(Image.fromarray(arr).convert('L'))
+    return np.moveaxis(arr, 0, -1) if arr.ndim == 3 else arr
+
+
 def load(path, mask=False):
     """(array, canonical affine or None) of an image or mask file, decoded now (SliceDataset keeps its own cache)."""
     path = Path(path)
+    if in_npz(path):
+        return _read_npz_image(path), None
     if not path.is_file():
         raise DataError(f'{path}: file not found')
     return _read(path, mask)
@@ -321,6 +355,32 @@ def read_folder(root: Path, suffix: str):
     return cases, {'class_names': None, 'label_names': classes}
 
 
+def read_medmnist(path: Path):
+    """MedMNIST v2 .npz: <split>_images uint8 (N, H, W), (N, H, W, 3) or (N, D, H, W) and <split>_labels (N, 1) for
+    split train / val / test. Each image is a case in the file's own split, its path naming it in the file (in_npz)."""
+    if not path.is_file():
+        raise DataError(f'{path}: file not found (data.root for data.layout medmnist is the .npz file)')
+    arrays, cases = read_npz(path), []
+    for split in SPLITS:
+        for key in (f'{split}_images', f'{split}_labels'):
+            if key not in arrays:
+                raise DataError(f'{path}: no {key!r} array (it has {sorted(arrays)}); a MedMNIST file holds '
+                                f'train/val/test_images and train/val/test_labels')
+        images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
+        if images.ndim not in (3, 4) or images.dtype != np.uint8:
+            raise DataError(f'{path}: {split}_images has shape {images.shape} and dtype {images.dtype}; expected uint8 '
+                            f'(N, H, W), (N, H, W, 3) or (N, D, H, W)')
+        if labels.ndim != 2 or len(labels) != len(images):
+            raise DataError(f'{path}: {split}_labels has shape {labels.shape} for {len(images)} {split}_images; '
+                            f'expected ({len(images)}, 1)')
+        if labels.shape[1] != 1:
+            raise DataError(f'{path}: {split}_labels has {labels.shape[1]} labels per image (multi-label, as '
+                            f'ChestMNIST); tpp classifies one class per image, labels (N, 1)')
+        cases += [Case(f'{split}_{i}', path / f'{split}_images' / str(i), None, int(label), split)
+                  for i, label in enumerate(labels[:, 0])]
+    return cases, {'class_names': None, 'label_names': None}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # prepare: resolve the layout, then validate every case before training
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,14 +413,16 @@ def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
         root = synthetic.synthetic_root('us', cache_dir)
         cases, names = read_folder(root, '_mask')
         names['class_names'] = ['background', 'lesion']
-    elif layout in ('msd', 'csv', 'folder'):
+    elif layout in ('msd', 'csv', 'folder', 'medmnist'):
         if not root:
             raise DataError(f'data.root: must be set for data.layout {layout}')
         root = Path(root).expanduser()
         cases, names = {'msd': lambda: read_msd(root), 'csv': lambda: read_csv(root),
-                        'folder': lambda: read_folder(root, dcfg['mask_suffix'])}[layout]()
+                        'folder': lambda: read_folder(root, dcfg['mask_suffix']),
+                        'medmnist': lambda: read_medmnist(root)}[layout]()
     else:
-        raise DataError(f'data.layout: {layout!r} is not one of synthetic_ct | synthetic_us | msd | csv | folder')
+        raise DataError(f'data.layout: {layout!r} is not one of synthetic_ct | synthetic_us | msd | csv | folder | '
+                        f'medmnist')
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
     return cases, validate(cases, names, dcfg, task)
@@ -373,12 +435,12 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
         flat = [c.image for c in cases if not is_nifti(c.image)]
         if flat:
             raise DataError(f'{flat[0]}: data.intensity window expects CT in Hounsfield units (NIfTI), not a 2D '
-                            f'image file; set data.intensity: percentile (or none)')
+                            f'image file or MedMNIST array; set data.intensity: percentile (or none)')
     configured = dcfg.get('num_classes')
     seg_k = configured or (len(names['class_names']) if names['class_names'] else None)
     seen, top = set(), None  # mask values over all masks, and the mask holding the largest
     for c in cases:
-        if not c.image.exists():
+        if not (c.image.exists() or in_npz(c.image)):
             raise DataError(f'{c.image}: image file not found (case {c.id})')
         image, affine = load(c.image)
         if image.dtype.kind == 'f' and not np.isfinite(image).all():

@@ -4,7 +4,7 @@ TPP pre-trains exactly these parameters (stage 1) and fine-tunes them from there
 module that subclasses `Target`; that one rule (by module type, never by a name substring) decides freezing, saving
 and loading, so a task head or a `*bias*` name can never be caught by mistake.
 
-    inject(vit, cfg['peft'])              # insert LoRA / adapters into the encoder blocks only
+    inject(vit, cfg['peft'])              # insert LoRA / adapters / prompts into the encoder blocks only
     mark_trainable(vit, extra=head)       # backbone requires_grad=False, targets (and the head) True
     target_state_dict(vit)                # only the targets: the file stage 1 writes, a tiny fraction of the backbone
     load_target_state_dict(vit, sd)       # strict: a missing, unexpected or mis-shaped target is an error
@@ -128,6 +128,29 @@ class Adapter(Target):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Visual prompt tuning (VPT)
+
+class Prompt(Target):
+    """N learned tokens that models.VisionTransformer places after the cls token: before the first block only
+    (shallow, tokens (1, N, D)) or anew before every block (deep, tokens (depth, N, D)), replacing the previous
+    block's. They carry no position embedding and are dropped from the encoder's outputs. Init as VPT: uniform in
+    +-sqrt(6 / (C*p*p + D)), the xavier bound of the patch projection (VPT writes C = 3), so they start at the scale
+    of patch embeddings."""
+
+    def __init__(self, depth, tokens, dim, patch_dim):
+        super().__init__()
+        val = math.sqrt(6.0 / (patch_dim + dim))
+        self.tokens = nn.Parameter(torch.empty(depth, tokens, dim).uniform_(-val, val))
+
+    def forward(self, x, i):
+        """x: tokens entering block i, (B, 1+L, D) for i = 0, else (B, 1+N+L, D) -> (B, 1+N+L, D)."""
+        if i >= len(self.tokens):                                              # shallow: block 0's output travels on
+            return x
+        prompts = self.tokens[i].expand(len(x), -1, -1)                       # (B, N, D)
+        return torch.cat([x[:, :1], prompts, x[:, 1 + self.tokens.shape[1] * (i > 0):]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Insert the targets
 
 def _lora_slices(name, layer, qv_only):
@@ -138,9 +161,10 @@ def _lora_slices(name, layer, qv_only):
 
 
 def inject(model, peft):
-    """Insert the configured targets (the `peft:` config section) into `model.blocks`, the encoder, and nowhere else:
-    the MAE decoder has `attn.qkv` layers too and must never receive targets. Returns the number of modules added."""
-    lora, adapter = peft['lora'], peft['adapter']
+    """Insert the configured targets (the `peft:` config section) into `model.blocks`, the encoder, and nowhere else
+    (prompts go to the encoder's `prompt` slot): the MAE decoder has `attn.qkv` layers too and must never receive
+    targets. Returns the number of modules added."""
+    lora, adapter, prompt = peft['lora'], peft['adapter'], peft['prompt']
     added = 0
     if lora['r'] > 0:
         linears = {f'blocks.{name}': m for name, m in model.blocks.named_modules() if type(m) is nn.Linear}
@@ -168,6 +192,11 @@ def inject(model, peft):
                 added += 1
             blk.adapter_mlp = make()
             added += 1
+    if prompt['tokens'] > 0:
+        proj = model.patch_embed.proj.weight                                   # (D, C, p, p)
+        model.prompt = Prompt(len(model.blocks) if prompt['deep'] else 1, prompt['tokens'], proj.shape[0],
+                              proj[0].numel()).to(proj.device)
+        added += 1
     return added
 
 
@@ -207,7 +236,7 @@ def _summary(keys):
     kinds = {}
     for k in keys:
         parts = k.split('.')
-        kind = ('lora on ' + '.'.join(parts[2:-2])) if parts[-2] == 'lora' else parts[2]
+        kind = ('lora on ' + '.'.join(parts[2:-2])) if parts[-2] == 'lora' else parts[2 if parts[0] == 'blocks' else 0]
         kinds.setdefault(kind, set()).add(parts[1])
     return ', '.join(f'{kind} x{len(blocks)}' for kind, blocks in sorted(kinds.items())) or 'nothing'
 
@@ -222,6 +251,9 @@ def _shape_cause(model, sd, key):
             return f'saved with qv_only={saved_groups == 2}, config has qv_only={owner.groups == 2} (peft.lora.qv_only)'
         if sd[prefix + 'A'].shape[1] == owner.A.shape[1]:
             return f'saved with rank {sd[prefix + "A"].shape[0] // saved_groups}, config has rank {owner.r} (peft.lora.r)'
+    if isinstance(owner, Prompt) and sd[key].shape[2:] == owner.tokens.shape[2:]:
+        (saved_blocks, saved_n), (blocks, n) = sd[key].shape[:2], owner.tokens.shape[:2]
+        return f'saved {saved_n} prompt tokens in {saved_blocks} block(s), config has {n} in {blocks} (peft.prompt.*)'
     if key.endswith('down.weight') and sd[key].shape[1:] == owner.weight.shape[1:]:
         return f'saved with adapter dim {sd[key].shape[0]}, config has {owner.weight.shape[0]} (peft.adapter.dim)'
     return 'the backbone width differs (model.*)'
@@ -236,7 +268,8 @@ def load_target_state_dict(model, sd):
         raise TargetMismatchError(
             f'saved targets ({_summary(sd)}) do not match this model\'s ({_summary(params)}): '
             f'missing {missing[:4]}{" ..." if len(missing) > 4 else ""}, '
-            f'unexpected {unexpected[:4]}{" ..." if len(unexpected) > 4 else ""} (peft.lora.layers / peft.adapter.kind)')
+            f'unexpected {unexpected[:4]}{" ..." if len(unexpected) > 4 else ""} '
+            f'(peft.lora.layers / peft.adapter.kind / peft.prompt.tokens)')
     for name, p in params.items():
         if sd[name].shape != p.shape:
             raise TargetMismatchError(f'target {name}: saved shape {tuple(sd[name].shape)}, model shape '
@@ -284,8 +317,10 @@ def merged_state_dict(model):
 # The targets file: the targets plus what they were pre-trained for
 
 def structure(peft):
-    """The PEFT settings that define the targets' shapes and function (dropout only regularises training)."""
-    return {'lora': {k: v for k, v in peft['lora'].items() if k != 'dropout'}, 'adapter': dict(peft['adapter'])}
+    """The PEFT settings that define the targets' shapes and function (dropout only regularises training); prompts only
+    when there are some, so targets files written before prompts existed still match."""
+    s = {'lora': {k: v for k, v in peft['lora'].items() if k != 'dropout'}, 'adapter': dict(peft['adapter'])}
+    return {**s, 'prompt': dict(peft['prompt'])} if peft['prompt']['tokens'] > 0 else s
 
 
 def check_meta(saved, expected, path):

@@ -164,6 +164,7 @@ class VisionTransformer(nn.Module):
                                       requires_grad=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.prompt = None  # PEFT prompt tokens (lora.Prompt) that lora.inject may insert; see _run_blocks
         self._init_encoder()
 
     def _init_encoder(self):
@@ -183,12 +184,22 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
+    def _run_blocks(self, x, block_ids):
+        """x: (B, 1+L, D) -> [(B, 1+L, D)]: the output of each block in block_ids, in the order given; blocks after
+        the last one asked for are not run. Prompt tokens (VPT), when the `prompt` slot is filled, enter after cls
+        before the first block (or anew before every block, when deep) and are dropped from every output."""
+        outputs, n = {}, 0
+        for i, blk in enumerate(self.blocks[:max(block_ids) + 1]):
+            if self.prompt is not None:
+                x, n = self.prompt(x, i), self.prompt.tokens.shape[1]  # (B, 1+N+L, D)
+            x = blk(x)
+            if i in block_ids:
+                outputs[i] = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1) if n else x
+        return [outputs[i] for i in block_ids]
+
     def forward_features(self, x):
         """x: (B, C, H, W) -> all tokens after the final norm, (B, 1+L, D); token 0 is cls."""
-        x = self.prepend_cls(self.embed_patches(x))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.norm(self._run_blocks(self.prepend_cls(self.embed_patches(x)), [self.depth - 1])[0])
 
     def forward(self, x):
         return self.forward_features(x)
@@ -198,13 +209,7 @@ class VisionTransformer(nn.Module):
         block_ids, in the order given. Blocks after the last one asked for are not run."""
         if not all(0 <= i < self.depth for i in block_ids):
             raise ValueError(f'block ids {list(block_ids)} out of range for depth {self.depth}')
-        x = self.prepend_cls(self.embed_patches(x))
-        outputs = {}
-        for i, blk in enumerate(self.blocks[:max(block_ids) + 1]):
-            x = blk(x)
-            if i in block_ids:
-                outputs[i] = x[:, 1:]
-        return [outputs[i] for i in block_ids]
+        return [f[:, 1:] for f in self._run_blocks(self.prepend_cls(self.embed_patches(x)), block_ids)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -285,12 +290,10 @@ class MaskedAutoencoder(VisionTransformer):
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """imgs: (B, C, H, W) -> latent (B, 1+L_keep, D), mask (B, L), ids_restore (B, L).
-        Only the visible tokens go through the blocks: MAE's speed-up."""
+        Only the visible tokens (and prompt tokens, if any) go through the blocks: MAE's speed-up."""
         x = self.embed_patches(imgs)  # (B, L, D)
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        x = self.prepend_cls(x)  # (B, 1+L_keep, D)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self._run_blocks(self.prepend_cls(x), [self.depth - 1])[0]  # (B, 1+L_keep, D)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore):

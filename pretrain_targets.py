@@ -3,7 +3,7 @@
     python pretrain_targets.py --config config.yaml [--set key=value ...] [--resume]
 
 1. build the MAE (encoder = the pre-trained backbone, plus the pretext decoder) and load the backbone checkpoint
-2. insert the targets (LoRA / adapters) into the encoder blocks
+2. insert the targets (LoRA / adapters / prompt tokens) into the encoder blocks
 3. freeze the backbone explicitly: only the targets (and the decoder, if pretrain.train_decoder) are trained
 4. train them with the MAE loss on the downstream training images; labels are never read
 5. save only the targets, with what they were pre-trained for: <run.out_dir>/<pretrain.name>/targets.pth

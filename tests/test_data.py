@@ -229,6 +229,74 @@ def test_folder_layout_with_masks(tmp_path, dcfg):
     assert data.load_mask(cases[0]).sum() == 5  # both masks, merged
 
 
+def medmnist_npz(path, counts=(6, 4, 4), shape=(28, 28), classes=3, seed=0, **arrays):
+    """A small .npz in MedMNIST v2's format: <split>_images uint8 (N, *shape) and <split>_labels (N, 1) for
+    train / val / test; `arrays` replaces arrays, or removes them when None."""
+    rng = np.random.default_rng(seed)
+    npz = {}
+    for split, n in zip(data.SPLITS, counts):
+        npz[f'{split}_images'] = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+        npz[f'{split}_labels'] = (np.arange(n) % classes).astype(np.uint8)[:, None]
+    npz.update(arrays)
+    np.savez(path, **{k: v for k, v in npz.items() if v is not None})
+    return path, npz
+
+
+def test_medmnist_2d_uses_the_files_splits_and_memory(tmp_path, dcfg):
+    path, npz = medmnist_npz(tmp_path / 'pneumoniamnist.npz')
+    dcfg.update(layout='medmnist', root=str(path), intensity='none', mean=[0.0], std=[1.0], label_fraction=0.5)
+    cases, info = data.prepare(dcfg, tmp_path)
+    assert info == {'num_classes_seg': None, 'num_classes_cls': 3} and len(cases) == 14
+    assert list(tmp_path.iterdir()) == [path]                                  # nothing written: read from memory
+    splits = data.split_cases(cases, dcfg)
+    assert [len(splits[s]) for s in ('train', 'val', 'test', 'labelled')] == [6, 4, 4, 3]   # label_fraction on train
+    assert [c.label for c in splits['val']] == npz['val_labels'][:, 0].tolist()
+    ds = data.SliceDataset(splits['test'], dcfg, 28, 1, 'classification', train=False)
+    assert len(ds) == 4 and ds[2]['label'].item() == npz['test_labels'][2, 0]
+    assert torch.equal(ds[2]['image'][0], torch.from_numpy(npz['test_images'][2] / np.float32(255)))
+    medmnist_npz(path, counts=(8, 4, 4))                                       # the file replaced: read again
+    assert len(data.prepare(dcfg, tmp_path)[0]) == 16
+
+
+def test_medmnist_rgb_is_read_grey_as_2d_files_are(tmp_path, dcfg):
+    path, npz = medmnist_npz(tmp_path / 'dermamnist.npz', shape=(28, 28, 3))
+    dcfg.update(layout='medmnist', root=str(path), intensity='none', mean=[0.0], std=[1.0])
+    ds = data.SliceDataset(data.prepare(dcfg, tmp_path)[0][:2], dcfg, 28, 1, None, train=False)
+    save_png(tmp_path / 'x.png', npz['train_images'][1])                      # the same image as an RGB PNG
+    assert torch.equal(ds[1]['image'][0], torch.from_numpy(data.load(tmp_path / 'x.png')[0] / np.float32(255)))
+
+
+def test_medmnist_3d_volumes_are_sliced_per_case(tmp_path, dcfg):
+    path, npz = medmnist_npz(tmp_path / 'organmnist3d.npz', shape=(5, 8, 8), classes=2)     # (N, D, H, W)
+    dcfg.update(layout='medmnist', root=str(path), intensity='none', mean=[0.0], std=[1.0])
+    cases = data.split_cases(data.prepare(dcfg, tmp_path)[0], dcfg)['val']
+    ds = data.SliceDataset(cases, dcfg, 8, 1, 'classification', train=False)
+    assert len(ds) == 4 * 5 and [ds.sample_index(n) for n in range(5)] == [(0, s) for s in range(5)]
+    item = ds[1 * 5 + 3]                                                       # case 1, slice 3: along D (data.axis 2)
+    assert item['label'].item() == 1 and (item['case'], item['slice']) == (1, 3)
+    assert torch.equal(item['image'][0], torch.from_numpy(npz['val_images'][1, 3] / np.float32(255)))
+
+
+def test_medmnist_malformed_files_raise_named_errors(tmp_path, dcfg):
+    def bad_npz(match, intensity='none', **arrays):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))                 # a new file each time
+        folder.mkdir()
+        bad(dcfg, match, layout='medmnist', root=str(medmnist_npz(folder / 'm.npz', **arrays)[0]), intensity=intensity)
+    bad_npz(r"m.npz: no 'val_labels' array", val_labels=None)
+    bad_npz(r'm.npz: test_labels has shape \(3, 1\) for 4 test_images; expected \(4, 1\)',
+            test_labels=np.zeros((3, 1), np.uint8))
+    bad_npz(r'm.npz: train_labels has 14 labels per image \(multi-label, as ChestMNIST\)',
+            train_labels=np.zeros((6, 14), np.uint8))
+    bad_npz(r'm.npz: val_images has shape \(4, 784\) and dtype uint8; expected uint8 \(N, H, W\)',
+            val_images=np.zeros((4, 784), np.uint8))
+    bad_npz(r'm.npz: train_images has shape \(6, 28, 28\) and dtype float32',
+            train_images=np.zeros((6, 28, 28), np.float32))
+    bad_npz(r'm.npz/train_images/0: data.intensity window expects CT', intensity='window')
+    bad(dcfg, r'nothing.npz: file not found .*data.root', layout='medmnist', root=str(tmp_path / 'nothing.npz'))
+    (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+    bad(dcfg, r'junk.npz: unreadable .npz', layout='medmnist', root=str(tmp_path / 'junk.npz'))
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 def bad(dcfg, match, **cfg):

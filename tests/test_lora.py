@@ -12,9 +12,9 @@ import models
 D, DEPTH = 32, 2
 
 
-def peft(r=4, alpha=8, layers=('qkv',), qv_only=False, adapter='none', dim=8, scale=0.5):
+def peft(r=4, alpha=8, layers=('qkv',), qv_only=False, adapter='none', dim=8, scale=0.5, prompt=0, deep=False):
     return {'lora': {'r': r, 'alpha': alpha, 'dropout': 0.0, 'layers': list(layers), 'qv_only': qv_only},
-            'adapter': {'kind': adapter, 'dim': dim, 'scale': scale}}
+            'adapter': {'kind': adapter, 'dim': dim, 'scale': scale}, 'prompt': {'tokens': prompt, 'deep': deep}}
 
 
 def vit(seed=0, mae=False):
@@ -234,6 +234,9 @@ def _targets(cfg, seed=0):
     (peft(layers=('qkv', 'fc1')), peft(), r'unexpected .*mlp.fc1.lora'),
     (peft(r=0, adapter='parallel', dim=8), peft(r=0, adapter='parallel', dim=4), r'adapter dim 8, config has 4'),
     (peft(r=0, adapter='sequential'), peft(r=0, adapter='parallel'), r'unexpected .*adapter_attn'),
+    (peft(prompt=4), peft(prompt=8), r'saved 4 prompt tokens in 1 block\(s\), config has 8 in 1 \(peft.prompt'),
+    (peft(prompt=4), peft(prompt=4, deep=True), r'in 1 block\(s\), config has 4 in 2 \(peft.prompt'),
+    (peft(prompt=4), peft(), r'\(lora on attn.qkv x2, prompt x1\) .*unexpected \[.prompt.tokens.\]'),
 ])
 def test_mismatches_raise_named_errors(saved, wanted, message):
     sd = lora.target_state_dict(_targets(saved))
@@ -279,3 +282,119 @@ def test_vit_base_targets_file_under_one_percent_of_backbone():
     buf = io.BytesIO()
     torch.save({'targets': lora.target_state_dict(model), 'meta': {}}, buf)
     assert buf.tell() < 0.01 * backbone_bytes, (buf.tell(), backbone_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Visual prompt tuning: learned tokens after cls, the only new keys, seen by the encoder blocks only
+
+N_PROMPT, L = 3, 16                                                              # prompt tokens, patches of 32/8
+
+
+def block_inputs(model):
+    """Record the tokens entering each encoder block (forward pre-hooks); returns the list they are appended to."""
+    seen = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize('deep', [False, True])
+def test_prompts_are_the_only_new_keys_with_vpt_shapes(deep):
+    model = vit()
+    before = set(model.state_dict())
+    assert lora.inject(model, peft(r=0, prompt=N_PROMPT, deep=deep)) == 1
+    assert set(model.state_dict()) - before == {'prompt.tokens'} and before <= set(model.state_dict())
+    tokens = model.prompt.tokens
+    assert tokens.shape == (DEPTH if deep else 1, N_PROMPT, D)                 # one set per block (deep) or one
+    bound = (6 / (1 * 8 * 8 + D)) ** 0.5                                        # VPT: xavier bound of the patch proj
+    assert 0.5 * bound < tokens.abs().max() <= bound
+    assert set(lora.target_state_dict(model)) == {'prompt.tokens'}
+    assert lora.structure(peft(r=0, prompt=N_PROMPT, deep=deep))['prompt'] == {'tokens': N_PROMPT, 'deep': deep}
+    assert 'prompt' not in lora.structure(peft())                          # no prompts: old targets files still match
+
+
+@pytest.mark.parametrize('cfg', [peft(r=0, prompt=N_PROMPT), peft(prompt=N_PROMPT, deep=True, adapter='parallel')])
+def test_prompts_change_outputs_only_through_them(cfg):
+    base = vit()
+    model = copy.deepcopy(base)
+    lora.inject(model, cfg)
+    x = images()
+    out, plain = model.forward_features(x), base.forward_features(x)
+    assert out.shape == plain.shape == (3, 1 + L, D)                           # prompts never leave the encoder
+    assert not torch.allclose(out[:, 0], plain[:, 0]) and not torch.allclose(out[:, 1:], plain[:, 1:])
+    prompt, model.prompt = model.prompt, None
+    assert torch.equal(model.forward_features(x), plain)                       # LoRA B = 0, adapter up = 0
+    model.prompt = prompt
+    lora.mark_trainable(model)
+    model.forward_features(x).pow(2).mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert 'prompt.tokens' in grads and grads <= {n for n, _ in lora.target_parameters(model)}
+    assert (model.prompt.tokens.grad.flatten(1).abs().sum(1) > 0).all()      # every block's prompts matter
+
+
+def test_deep_prompts_are_replaced_in_every_block_shallow_ones_travel():
+    for deep in (False, True):
+        model = vit()
+        lora.inject(model, peft(r=0, prompt=N_PROMPT, deep=deep))
+        seen = block_inputs(model)
+        model.forward_features(images())
+        assert [s.shape for s in seen] == [(3, 1 + N_PROMPT + L, D)] * DEPTH   # replaced, not appended
+        for i, s in enumerate(seen):
+            inserted = torch.equal(s[:, 1:1 + N_PROMPT], model.prompt.tokens[i if deep else 0].expand(3, -1, -1))
+            assert inserted == (deep or i == 0), (deep, i)                    # shallow: block 0's output travels on
+
+
+def test_segmentation_and_mean_pool_see_patch_tokens_only():
+    model = vit()
+    lora.inject(model, peft(r=0, prompt=N_PROMPT, deep=True))
+    outputs = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))
+    x = images()
+    features = model.get_intermediate_layers(x, [1, 0])
+    assert [f.shape for f in features] == [(3, L, D)] * 2
+    assert torch.equal(features[0], outputs[1][:, 1 + N_PROMPT:])             # block 1's patch tokens, in order
+    assert torch.equal(features[1], outputs[0][:, 1 + N_PROMPT:])
+    tokens = model.forward_features(x)
+    assert torch.equal(tokens, model.norm(torch.cat([outputs[-1][:, :1], outputs[-1][:, 1 + N_PROMPT:]], 1)))
+    head = models.ClassificationHead(D, 2, pool='mean')
+    patches = model.norm(outputs[-1][:, 1 + N_PROMPT:])                       # (B, L, D), no prompt token
+    assert torch.equal(head(tokens), head.head(head.fc_norm(patches.mean(1))))
+    seg = models.SegmentationHead(D, 8, 1, num_classes=3, depth=4, channels=(8, 4, 4))
+    deeper = models.VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=D, depth=4, num_heads=2)
+    lora.inject(deeper, peft(r=0, prompt=N_PROMPT))
+    assert models.TaskModel(deeper, seg)(x).shape == (3, 3, 32, 32)
+
+
+def test_mae_prompts_join_the_visible_tokens_only():
+    mae = vit(mae=True)
+    lora.inject(mae, peft(r=0, prompt=N_PROMPT))
+    seen = block_inputs(mae)
+    decoder_seen = []
+    mae.decoder_embed.register_forward_pre_hook(lambda mod, args: decoder_seen.append(args[0].shape))
+    lora.mark_trainable(mae)
+    loss, pred, mask = mae(images(), mask_ratio=0.75)
+    keep = L // 4
+    assert [s.shape for s in seen] == [(3, 1 + N_PROMPT + keep, D)] * DEPTH   # cls + prompts + visible patches
+    assert decoder_seen == [(3, 1 + keep, D)]                                  # the decoder never sees the prompts
+    assert pred.shape == (3, L, 64) and torch.isfinite(loss)
+    loss.backward()
+    assert mae.prompt.tokens.grad.abs().sum() > 0
+
+
+def test_merged_export_keeps_the_prompts():
+    model = vit()
+    lora.inject(model, peft(layers=('qkv', 'fc2'), prompt=N_PROMPT, deep=True))
+    lora.mark_trainable(model)
+    train_steps(model)
+    x = images()
+    with torch.no_grad():
+        out = model.forward_features(x)
+        sd = lora.merged_state_dict(model)
+    assert 'prompt.tokens' in sd and not any('.lora.' in k for k in sd)
+    plain = vit()
+    lora.inject(plain, peft(r=0, prompt=N_PROMPT, deep=True))                 # a ViT with its prompt slot filled
+    assert sd.keys() == plain.state_dict().keys()
+    plain.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_features(x), out, atol=1e-5, rtol=0)

@@ -133,3 +133,37 @@ def test_interrupted_run_resumes_exactly(tmp_path, cache, crash_after_checkpoint
         ma, mb = (json.loads((p / 'metrics.json').read_text()) for p in (straight, resumed))
         assert ma['test'] == mb['test'] and ma['history'] == mb['history']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prompt_tuning_alone_through_both_stages(tmp_path, cache):
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
+    vpt = ['peft.prompt.tokens=8', 'peft.lora.r=0']
+    path = pretrain_targets.main(args(cfg, *vpt))
+    saved = torch.load(path, weights_only=True)
+    assert set(saved['targets']) == {'prompt.tokens'} and saved['targets']['prompt.tokens'].shape == (1, 8, 32)
+    assert saved['meta']['peft']['prompt'] == {'tokens': 8, 'deep': False}
+    run_dir = finetune.main(args(cfg, *vpt))
+    assert 'targets: loaded' in (run_dir / 'log.txt').read_text()
+    model = torch.load(run_dir / 'model.pth', weights_only=False)['model']
+    assert not model['backbone.prompt.tokens'].equal(saved['targets']['prompt.tokens'])   # fine-tuned from there
+    with pytest.raises(lora.TargetMismatchError, match=r'peft'):
+        finetune.main(args(cfg, *vpt, 'peft.prompt.deep=true', 'finetune.name=deep'))
+
+
+def test_medmnist_file_through_both_stages(tmp_path, cache):
+    rng = np.random.default_rng(0)
+    npz = {}
+    for split, n in (('train', 64), ('val', 8), ('test', 8)):
+        labels = np.arange(n) % 2
+        images = rng.integers(20, 80, (n, 28, 28), dtype=np.uint8)
+        images[labels == 1, 8:20, 8:20] = 220                                    # class 1: a bright square
+        npz.update({f'{split}_images': images, f'{split}_labels': labels[:, None].astype(np.uint8)})
+    np.savez(tmp_path / 'breastmnist.npz', **npz)
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
+    medmnist = ['data.layout=medmnist', f'data.root={tmp_path / "breastmnist.npz"}', 'data.intensity=none']
+    pretrain_targets.main(args(cfg, *medmnist))
+    run_dir = finetune.main(args(cfg, *medmnist, 'finetune.task=classification', 'data.label_fraction=0.5'))
+    assert 'classification: 32 labelled training cases (32 slices, label_fraction 0.5), 8 val, 8 test' in \
+        (run_dir / 'log.txt').read_text()                                       # the file's own splits
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    assert metrics['test']['majority_floor'] == 0.5 and 0 <= metrics['test']['auc'] <= 1

@@ -94,9 +94,10 @@ def count_cpu_attention_flops():
 def targets_cfg(peft, kind):
     """The peft: section with one kind of target only: LoRA, or adapters (parallel unless another kind is set)."""
     if kind == 'lora':
-        return {'lora': {**peft['lora'], 'r': peft['lora']['r'] or 8}, 'adapter': {**peft['adapter'], 'kind': 'none'}}
+        return {**peft, 'lora': {**peft['lora'], 'r': peft['lora']['r'] or 8},
+                'adapter': {**peft['adapter'], 'kind': 'none'}}
     adapter = peft['adapter']['kind'] if peft['adapter']['kind'] != 'none' else 'parallel'
-    return {'lora': {**peft['lora'], 'r': 0}, 'adapter': {**peft['adapter'], 'kind': adapter}}
+    return {**peft, 'lora': {**peft['lora'], 'r': 0}, 'adapter': {**peft['adapter'], 'kind': adapter}}
 
 
 def peft_lora(peft, **kw):
