@@ -59,6 +59,7 @@ DATASETS = {                     # name -> overrides selecting the data
 METHODS = {                      # PEFT method -> overrides selecting the targets (their sizes come from the config)
     'lora': ['peft.adapter.kind=none'],
     'adapter': ['peft.lora.r=0', 'peft.adapter.kind=parallel'],
+    'prompt': ['peft.lora.r=0', 'peft.adapter.kind=none', 'peft.prompt.tokens=8'],   # VPT, shallow unless --set
 }
 REFERENCES = ['full', 'linear']  # finetune.init values run once per cell, whatever the PEFT method
 
@@ -111,6 +112,7 @@ def parse_args(argv=None):
                    "(data: ct, us, or config = the data of --config/--set, your own), or 'all' (ct and us, both tasks)")
     p.add_argument('--fractions', help='comma-separated label fractions, e.g. 0.1,1.0')
     p.add_argument('--seeds', type=int, help='number of seeds (0..N-1)')
+    p.add_argument('--methods', help=f"comma-separated PEFT methods of the matrix ({', '.join(METHODS)})")
     p.add_argument('--keep', action='store_true', help='keep checkpoint.pth, best.pth and model.pth of finished runs')
     p.add_argument('--verbose', action='store_true', help="show every run's progress lines (always in its log.txt)")
     return p.parse_args(argv)
@@ -125,6 +127,10 @@ def select(args):
         m['fractions'] = [float(f) for f in args.fractions.split(',')]
     if args.seeds:
         m['seeds'] = list(range(args.seeds))
+    if args.methods:
+        m['methods'] = args.methods.split(',')
+        if not set(m['methods']) <= set(METHODS):
+            raise SystemExit(f"--methods: {args.methods} is not a list of {', '.join(METHODS)}")
     for pair in m['pairs']:
         if len(pair) != 2 or pair[0] not in DATASETS or pair[1] not in SHORT:
             raise SystemExit(f"--pairs: '{':'.join(pair)}' is not data:task with data one of {', '.join(DATASETS)} "
