@@ -586,6 +586,16 @@ def warp(image: torch.Tensor, mask: torch.Tensor | None, theta: torch.Tensor):
     return image, mask
 
 
+def random_views(images: torch.Tensor, dcfg: dict, crop_scale) -> torch.Tensor:
+    """images (B, C, S, S), normalised -> one random view of each (B, C, S, S): the training augmentation
+    (data.augment, with this crop_scale) drawn per image, for DINO. Outside the image is black, as in SliceDataset."""
+    aug = {**dcfg['augment'], 'crop_scale': crop_scale}
+    theta = torch.cat([random_affine(aug) for _ in range(len(images))]).to(images.device)  # (B, 2, 3)
+    mean, std = (torch.tensor(dcfg[k], device=images.device).view(1, -1, 1, 1) for k in ('mean', 'std'))
+    black = -mean / std  # 0 before normalisation
+    return warp(images - black, None, theta)[0] + black
+
+
 def resize(image: torch.Tensor, mask: torch.Tensor | None, size: int):
     """image (1, 1, H, W) -> (1, 1, S, S) antialiased bilinear; mask nearest-exact, which samples the same pixel
     centres as bilinear with align_corners=False (plain 'nearest' is shifted by half a pixel)."""

@@ -290,7 +290,7 @@ def trainable_state(model):
 def load_trainable_state(model, sd):
     """Load loosely, then check precisely (as MAE does): only frozen parameters may be missing."""
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}   # shared too
     wrong = sorted(set(missing) - frozen) + sorted(unexpected)
     if wrong:
         raise KeyError(f'checkpoint does not fit the model: missing or unexpected {wrong[:6]}')
@@ -320,9 +320,10 @@ def _fmt_time(seconds):
     return time.strftime('%H:%M:%S', time.gmtime(max(0, seconds)))
 
 
-def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, tag='train'):
+def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, tag='train', after_step=None):
     """Train the parameters of `model` that require grad. `loss_fn(model, batch) -> loss` (scalar tensor);
-    `evaluate(model) -> dict` with 'score' (higher is better) runs after every epoch and picks `best.pth`.
+    `evaluate(model) -> dict` with 'score' (higher is better) runs after every epoch and picks `best.pth`;
+    `after_step(model)` runs after every optimiser step (DINO's teacher update; what it changes must be a buffer).
     `ocfg` is the stage's config section: epochs, lr, weight_decay, warmup_epochs, clip_grad.
     Saves `checkpoint.pth` every epoch (atomically) and, with --resume, continues from it exactly:
     parameters, optimiser, grad scaler, schedule step, epoch, RNG states and the TensorBoard step."""
@@ -374,6 +375,8 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                after_step(model)
             loss_sum += loss.detach().float()
             epoch_loss += loss.detach().float()
             n_loss, n_img, step = n_loss + 1, n_img + len(batch['image']) * run.world, step + 1

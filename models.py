@@ -2,7 +2,7 @@
 
 - `VisionTransformer`: a plain-PyTorch ViT whose parameter names and shapes are those of timm's `VisionTransformer`
   and of the official MAE encoder, so their checkpoints load as they are. No head.
-- `MaskedAutoencoder`: the same encoder plus the official MAE decoder, masking and loss (the pretext task).
+- `MaskedAutoencoder`: the same encoder plus the official MAE decoder, masking and loss; `DINOHead`: DINO's head.
 - `ClassificationHead`, `SegmentationHead` (UNETR-style, convolutions only) and `TaskModel` (backbone + head).
 - Builders from the config's `model:`, `mae:` and `finetune:` sections (real checkpoints load through
   pretrain_backbone.load_checkpoint).
@@ -213,7 +213,7 @@ class VisionTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The MAE pretext model
+# The pretext models: MAE, and DINO's head (its teacher and loss: pretrain_targets.SelfDistillation)
 
 def is_decoder_key(name):
     """True for the MAE decoder's state-dict names (everything the plain encoder lacks)."""
@@ -326,6 +326,23 @@ class MaskedAutoencoder(VisionTransformer):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
+class DINOHead(nn.Module):
+    """DINO's projection head: a 3-layer MLP on the cls token, an L2-normalised bottleneck, then a linear layer with
+    unit-norm rows (the official weight norm with its gain fixed to 1) to out_dim prototype scores."""
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.mlp.apply(_init_linear_and_norm)  # as the encoder (DINO: truncated normal, std 0.02)
+
+    def forward(self, tokens):
+        """tokens: (B, 1+L, D) after the final norm -> scores (B, out_dim)."""
+        x = F.normalize(self.mlp(tokens[:, 0]), dim=-1)  # (B, bottleneck_dim) on the unit sphere
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Task heads (always trainable) and the stage-2 model
 
@@ -426,7 +443,7 @@ class SegmentationHead(nn.Module):
 
 
 class TaskModel(nn.Module):
-    """Stage 2: backbone + head (state-dict keys backbone.*, head.*); forward(x) -> logits."""
+    """Backbone + head (keys backbone.*, head.*); forward(x) -> logits. Stage 2's model, and stage 1's DINO student."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -479,6 +496,12 @@ def build_backbone(cfg):
 
 def build_mae(cfg):
     return MaskedAutoencoder(**vit_kwargs(cfg['model']), **cfg['mae'])
+
+
+def build_dino(cfg):
+    """The DINO student: TaskModel(backbone, DINOHead) with the head sizes of the config's `dino:` section."""
+    head = {k: cfg['dino'][k] for k in ('out_dim', 'hidden_dim', 'bottleneck_dim')}
+    return TaskModel(build_backbone(cfg), DINOHead(vit_kwargs(cfg['model'])['embed_dim'], **head))
 
 
 def build_head(cfg, num_classes):

@@ -1,16 +1,18 @@
-"""Stage 1 of TPP: pre-train the PEFT target parameters with masked-autoencoder reconstruction.
+"""Stage 1 of TPP: pre-train the PEFT target parameters with a self-supervised pretext (pretrain.pretext: mae | dino).
 
     python pretrain_targets.py --config config.yaml [--set key=value ...] [--resume]
 
-1. build the MAE (encoder = the pre-trained backbone, plus the pretext decoder) and load the backbone checkpoint
+1. build the pretext model (the pre-trained backbone plus the MAE decoder or the DINO head) and load the backbone
 2. insert the targets (LoRA / adapters / prompt tokens) into the encoder blocks
-3. freeze the backbone explicitly: only the targets (and the decoder, if pretrain.train_decoder) are trained
-4. train them with the MAE loss on the downstream training images; labels are never read
+3. freeze the backbone explicitly: only the targets and the pretext head (the decoder if pretrain.train_decoder) train
+4. train them with the pretext loss on the downstream training images; labels are never read
 5. save only the targets, with what they were pre-trained for: <run.out_dir>/<pretrain.name>/targets.pth
 
 With no backbone.checkpoint configured, the embedded default backbone is made first (once, cached; see
 pretrain_backbone.py): the same MAE training with every parameter trainable, on upstream images.
 """
+import copy
+
 import torch
 from torchvision.utils import make_grid, save_image
 
@@ -21,12 +23,61 @@ import models
 from pretrain_backbone import load_checkpoint, resolve, train_mae
 
 
-def insert_targets(mae, cfg):
-    """Insert the targets into the encoder and freeze everything else explicitly: only the targets (and the decoder,
-    with pretrain.train_decoder) train. Returns lora.mark_trainable's parameter counts."""
-    lora.inject(mae, cfg['peft'])
-    decoder = [p for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
-    return lora.mark_trainable(mae, extra=decoder if cfg['pretrain']['train_decoder'] else ())
+def insert_targets(model, cfg):
+    """Insert the targets into the encoder and freeze everything else explicitly: only the targets and the pretext
+    head (the DINO head; the MAE decoder with pretrain.train_decoder) train. Returns lora.mark_trainable's counts."""
+    if isinstance(model, models.TaskModel):
+        lora.inject(model.backbone, cfg['peft'])
+        return lora.mark_trainable(model, extra=model.head.parameters())
+    lora.inject(model, cfg['peft'])
+    decoder = [p for n, p in model.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
+    return lora.mark_trainable(model, extra=decoder if cfg['pretrain']['train_decoder'] else ())
+
+
+class SelfDistillation(torch.nn.Module):
+    """DINO with the backbone frozen. The student is backbone + targets + DINOHead; the teacher is the same backbone
+    (shared: deepcopy's memo maps it to itself) with its own targets and head, exponential moving averages of the
+    student's (update_teacher, after each optimiser step), kept as buffers: checkpoints hold them, the optimiser not."""
+
+    def __init__(self, student, teacher_temp, student_temp, center_momentum, ema):
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student, {id(p): p for p in student.parameters() if not p.requires_grad})
+        for module in self.teacher.modules():   # the teacher's targets and head: buffers named as the student's
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.requires_grad:
+                    delattr(module, name)
+                    module.register_buffer(name, p.detach())
+        self.register_buffer('center', torch.zeros(student.head.last_layer.out_features))   # (K,)
+        self.temps, self.center_momentum, self.ema = (teacher_temp, student_temp), center_momentum, ema
+
+    def forward(self, views):
+        """views: V x (B, C, H, W) of one batch -> mean cross-entropy of teacher view i and student view j != i."""
+        x, V = torch.cat(views), len(views)
+        s = (self.student(x).float() / self.temps[1]).log_softmax(dim=-1).chunk(V)           # V x (B, K)
+        with torch.no_grad():
+            out = self.teacher.eval()(x).float()                         # (V*B, K); eval: no dropout in the teacher
+            t = ((out - self.center) / self.temps[0]).softmax(dim=-1).chunk(V)                # centred, sharpened
+            self.center.mul_(self.center_momentum).add_(out.mean(dim=0), alpha=1 - self.center_momentum)
+        return sum(-(t[i] * s[j]).sum(-1).mean() for i in range(V) for j in range(V) if i != j) / (V * (V - 1))
+
+    @torch.no_grad()
+    def update_teacher(self):
+        """teacher = ema * teacher + (1 - ema) * student, for the targets and the head; the backbone is shared."""
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                self.teacher.get_buffer(name).mul_(self.ema).add_(p, alpha=1 - self.ema)
+
+
+def train_dino(run, student, dataset, cfg):
+    """DINO training of the student's targets and head, on `views` random views of each training image."""
+    d = cfg['dino']
+    dino = SelfDistillation(student, d['teacher_temp'], d['student_temp'], d['center_momentum'], d['ema'])
+    loader = engine.make_loader(run, dataset, cfg['pretrain']['batch_size'], train=True)
+    loss_fn = lambda model, batch: model([data.random_views(batch['image'], cfg['data'], d['crop_scale'])
+                                          for _ in range(d['views'])])
+    return engine.train(run, dino.to(run.device), loader, loss_fn, cfg['pretrain'], tag='pretrain',
+                        after_step=SelfDistillation.update_teacher)
 
 
 @torch.no_grad()
@@ -53,6 +104,9 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
 def main(args):
     cfg = engine.load_config(args.config, args.set)
     pcfg, dcfg = cfg['pretrain'], cfg['data']
+    if pcfg['pretext'] not in ('mae', 'dino') or cfg['dino']['views'] < 2:
+        raise engine.ConfigError(f"pretrain.pretext: {pcfg['pretext']!r} must be mae or dino (dino: dino.views >= 2)")
+    dino = pcfg['pretext'] == 'dino'
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     run = engine.Run(cfg, pcfg['name'], args.resume)
     cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])
@@ -61,33 +115,37 @@ def main(args):
     size, chans = arch['img_size'], arch['in_chans']
     dataset = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=True)
 
-    mae = models.build_mae(cfg).to(run.device)
-    run.log(load_checkpoint(mae, backbone_path))          # encoder, and the decoder when the file has one
-    fingerprint = lora.backbone_fingerprint(mae)                 # identifies the backbone the targets belong to
+    model = (models.build_dino(cfg) if dino else models.build_mae(cfg)).to(run.device)
+    encoder = model.backbone if dino else model                  # the ViT that takes the targets
+    run.log(load_checkpoint(encoder, backbone_path))      # encoder, and the MAE decoder when both have one
+    fingerprint = lora.backbone_fingerprint(encoder)             # identifies the backbone the targets belong to
 
     # --- TPP: insert the targets into the encoder and freeze everything else explicitly
-    counts = insert_targets(mae, cfg)
+    counts = insert_targets(model, cfg)
+    head = ' + DINO head' if dino else ' + decoder' if pcfg['train_decoder'] else ''
     run.log(f"parameters: total {counts['total']:,} | targets {counts['targets']:,} ({counts['targets_pct']:.2f}%) | "
-            f"trainable {counts['trainable']:,} (targets{' + decoder' if pcfg['train_decoder'] else ''}) | "
+            f"trainable {counts['trainable']:,} (targets{head}) | pretext {pcfg['pretext']} | "
             f'{len(dataset)} training slices from {len(train_cases)} cases')
 
     # --- TPP: the pretext task on the downstream images
-    result = train_mae(run, mae, dataset, pcfg, tag='pretrain')
+    result = train_dino(run, model, dataset, cfg) if dino else train_mae(run, model, dataset, pcfg, tag='pretrain')
+    pretext = {'name': 'dino', **cfg['dino']} if dino else {'name': 'mae', 'mask_ratio': pcfg['mask_ratio'],
+               'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder']}
 
     # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
     meta = {'arch': arch, 'peft': lora.structure(cfg['peft']), 'backbone': fingerprint,
             'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
-            'pretext': {'mask_ratio': pcfg['mask_ratio'], 'norm_pix_loss': cfg['mae']['norm_pix_loss'],
-                        'train_decoder': pcfg['train_decoder'], 'epochs': pcfg['epochs'], 'data': dcfg['layout']}}
+            'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']}}
     targets_path = run.dir / 'targets.pth'
     if run.main:
-        engine.atomic_save({'targets': lora.target_state_dict(mae), 'meta': meta}, targets_path)
-        grid = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=False)
-        images = torch.stack([grid[i]['image'] for i in range(min(pcfg['grid_images'], len(grid)))])
-        save_reconstructions(run, mae, images.to(run.device), pcfg['mask_ratio'], dcfg)
+        engine.atomic_save({'targets': lora.target_state_dict(encoder), 'meta': meta}, targets_path)
+        if not dino:
+            grid = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=False)
+            images = torch.stack([grid[i]['image'] for i in range(min(pcfg['grid_images'], len(grid)))])
+            save_reconstructions(run, model, images.to(run.device), pcfg['mask_ratio'], dcfg)
         run.log(f'targets: {targets_path} ({targets_path.stat().st_size / 2 ** 20:.2f} MiB; backbone '
-                f'{backbone_path.stat().st_size / 2 ** 20:.1f} MiB) | reconstructions: {run.dir}/reconstructions.png | '
-                f'TensorBoard: {run.dir}/tensorboard')
+                f'{backbone_path.stat().st_size / 2 ** 20:.1f} MiB) | TensorBoard'
+                f'{"" if dino else " and reconstructions.png"}: {run.dir}')
     run.close()
     return targets_path
 
