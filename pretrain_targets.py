@@ -53,16 +53,17 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
 def main(args):
     cfg = engine.load_config(args.config, args.set)
     pcfg, dcfg = cfg['pretrain'], cfg['data']
+    cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])     # checked first: stage 0 can take minutes
+    models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
-    run = engine.Run(cfg, pcfg['name'], args.resume)
-    cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])
+    run = engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth')   # the folder is made when training starts
     train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
     arch = models.vit_kwargs(cfg['model'])
     size, chans = arch['img_size'], arch['in_chans']
     dataset = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=True)
 
     mae = models.build_mae(cfg).to(run.device)
-    run.log(load_checkpoint(mae, backbone_path))          # encoder, and the decoder when the file has one
+    run.log(load_checkpoint(mae, backbone_path, need_decoder=not pcfg['train_decoder']))   # encoder (+ decoder)
     fingerprint = lora.backbone_fingerprint(mae)                 # identifies the backbone the targets belong to
 
     # --- TPP: insert the targets into the encoder and freeze everything else explicitly
@@ -75,7 +76,7 @@ def main(args):
     result = train_mae(run, mae, dataset, pcfg, tag='pretrain')
 
     # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
-    meta = {'arch': arch, 'peft': lora.structure(cfg['peft']), 'backbone': fingerprint,
+    meta = {'arch': arch, 'peft': lora.structure(mae), 'backbone': fingerprint,
             'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
             'pretext': {'mask_ratio': pcfg['mask_ratio'], 'norm_pix_loss': cfg['mae']['norm_pix_loss'],
                         'train_decoder': pcfg['train_decoder'], 'epochs': pcfg['epochs'], 'data': dcfg['layout']}}
