@@ -388,7 +388,7 @@ class SegmentationHead(nn.Module):
             raise ValueError(f'the segmentation decoder needs a power-of-two patch size >= 4, model.patch_size is '
                              f'{patch_size}')
         if depth < 4:
-            raise ValueError(f'the segmentation decoder takes features of 4 blocks, model.depth is {depth}')
+            raise ValueError(f'the segmentation decoder reads 4 blocks: model.depth is {depth}, use 4 or more')
         self.patch_size = patch_size
         self.block_ids = [depth * (i + 1) // 4 - 1 for i in range(4)]
         num_stages = int(math.log2(patch_size))

@@ -134,7 +134,7 @@ def test_everything_checkable_is_checked_before_stage0_and_the_run_folder(tmp_pa
         m.setattr(pretrain_targets, 'resolve', lambda cfg: pytest.fail('stage 0 ran before the checks'))
         with pytest.raises(data.DataError, match='data.root'):
             pretrain_targets.main(args(cfg, 'data.layout=msd'))
-        with pytest.raises(ValueError, match=r'4 blocks, model.depth is 3'):      # stage 2's segmentation head
+        with pytest.raises(ValueError, match=r'4 blocks: model.depth is 3'):      # stage 2's segmentation head
             pretrain_targets.main(args(cfg, 'model.depth=3'))
     with pytest.raises(FileNotFoundError, match='finetune.targets'):
         finetune.main(args(cfg, f'finetune.targets={tmp_path}/none.pth'))
