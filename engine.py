@@ -6,7 +6,6 @@ import copy
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,8 +41,29 @@ def _read_yaml(path):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'config file {path} does not exist')
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    return _parse_yaml(path.read_text(), path) or {}
+
+
+def _parse_yaml(text, source):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{source}: not valid YAML: {e}') from None
+
+
+# Numbers a run cannot start with: budgets and rates must be finite and > 0, the rest >= 0 (0: none). Never null.
+_TRAINING = ('backbone.bootstrap', 'pretrain', 'finetune')
+_POSITIVE = {'run.log_every', 'backbone.bootstrap.images', 'peft.adapter.dim',
+             *(f'{s}.{k}' for s in _TRAINING for k in ('epochs', 'batch_size', 'lr'))}
+_NON_NEGATIVE = {'run.workers', 'peft.lora.r',
+                 *(f'{s}.{k}' for s in _TRAINING for k in ('weight_decay', 'warmup_epochs'))}
+
+
+def _check_number(key, value, source):
+    if key in _POSITIVE or key in _NON_NEGATIVE:
+        if value is None or not math.isfinite(value) or value < 0 or (value == 0 and key in _POSITIVE):
+            raise ConfigError(f"{source}: {key} must be a finite number {'> 0' if key in _POSITIVE else '>= 0'}, "
+                              f"got {value}")
 
 
 def _coerce(value, ref, where):
@@ -73,6 +93,7 @@ def _merge(ref, new, source, prefix=''):
             out[key] = _merge(ref[key], value, source, where + '.')
         else:
             out[key] = _coerce(value, ref[key], f'{source}: {where}')
+            _check_number(where, out[key], source)
     return out
 
 
@@ -83,7 +104,7 @@ def load_config(path, overrides=()):
         key, sep, value = item.partition('=')
         if not sep:
             raise ConfigError(f'--set {item}: expected KEY=VALUE, for example --set pretrain.lr=1e-3')
-        nested = yaml.safe_load(value)
+        nested = _parse_yaml(value, f'--set {item}')
         for part in reversed(key.split('.')):
             nested = {part: nested}
         cfg = _merge(cfg, nested, f'--set {item}')
@@ -93,47 +114,71 @@ def load_config(path, overrides=()):
 # ----------------------------------------------------------------------------------------------------------------------
 # A run: its folder, device, precision, process group, logging
 
+FIXED_ON_RESUME = ('model', 'mae', 'peft', 'backbone', 'data')   # what a resumed run must share with its start
+
+
 class Run:
     """One training run: `<run.out_dir>/<name>`, the device and AMP dtype, the torchrun rank, log and TensorBoard.
-    Under torchrun every rank makes one; only rank 0 touches the folder (log, TensorBoard, checkpoints).
-    replace: an existing folder is deleted first instead of refused (a cache entry whose first start crashed)."""
+    Making one only checks; the folder is made by start() when training starts (train calls it), so a stage that
+    fails its own checks first (data, checkpoints, targets) leaves nothing behind. A folder with no checkpoint.pth
+    (stopped before its first epoch ended) is reused; one with a checkpoint is only continued with --resume, which
+    refuses a changed `fixed` section; one holding `result` (what the finished stage writes) is never touched again.
+    Under torchrun every rank makes one; only rank 0 writes the folder (log, TensorBoard, checkpoints)."""
 
-    def __init__(self, cfg, name, resume=False, replace=False):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg, name, resume=False, result=None, fixed=FIXED_ON_RESUME):
+        self.cfg, self.resume, self.started, self._unwritten = cfg, resume, False, []
         self.device = pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0)))
         self.rank, self.world = _init_distributed(self.device)
         self.amp = _pick_amp(cfg['run']['amp'], self.device)
         self.dir = Path(cfg['run']['out_dir']) / name
         self.checkpoint = self.dir / 'checkpoint.pth'
-        if self.main:
-            if replace and not resume and self.dir.exists():
-                shutil.rmtree(self.dir)
-            if resume and not self.checkpoint.is_file():
-                raise FileNotFoundError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
-            if not resume and self.dir.exists():
-                raise FileExistsError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
-                                      f'it, choose another name (--set <stage>.name=...), or delete it')
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with open(self.dir / 'config.yaml', 'w') as f:
-                yaml.safe_dump(cfg, f, sort_keys=False)
-        self.barrier()
+        if result and (self.dir / result).is_file():
+            raise FileExistsError(f'{self.dir} is a finished run ({result} written) and runs are never overwritten: '
+                                  f'choose another name (--set <stage>.name=...) or delete it')
+        if resume and not self.checkpoint.is_file():
+            raise FileNotFoundError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
+        if not resume and self.checkpoint.is_file():
+            raise FileExistsError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
+                                  f'it, choose another name (--set <stage>.name=...), or delete it')
+        if resume:   # before anything is written: a changed setting would silently mix two runs
+            saved = _read_yaml(self.dir / 'config.yaml')
+            changed = [k for section in fixed for k in _changed(saved.get(section), cfg[section], section)]
+            if changed:
+                raise ConfigError(f"--resume: {', '.join(changed)} differs from {self.dir / 'config.yaml'}: resume "
+                                  f'with the settings the run started with, or start a new run (another name)')
         seed_everything(cfg['run']['seed'] + self.rank)   # ranks differ in masking/dropout noise, not in data order
         self.writer = None
-        if self.main:
-            from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 writes
-            start = torch.load(self.checkpoint, weights_only=False)['step'] if resume else 0
-            self.writer = SummaryWriter(self.dir / 'tensorboard', purge_step=start)  # resume drops events after it
         self.log(f'run folder {self.dir} | device {self.device} | amp {self.amp or "off"} | processes {self.world}')
+
+    def start(self):
+        """Make (or continue) the run folder, once every check has passed: config.yaml, TensorBoard, the log so far."""
+        if self.started:
+            return
+        self.started = True
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / 'config.yaml.tmp').write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+            os.replace(self.dir / 'config.yaml.tmp', self.dir / 'config.yaml')
+            from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 writes
+            start = torch.load(self.checkpoint, map_location='cpu', weights_only=False)['step'] if self.resume else 0
+            self.writer = SummaryWriter(self.dir / 'tensorboard', purge_step=start)  # resume drops events after it
+            self.log()
+        self.barrier()
 
     @property
     def main(self):
         return self.rank == 0
 
-    def log(self, msg):
+    def log(self, msg=None):
+        """Print a line (rank 0); log.txt gets it once the folder exists (no msg: write what is waiting)."""
         if self.main:
-            print(msg, flush=True)
-            with open(self.dir / 'log.txt', 'a') as f:
-                f.write(msg + '\n')
+            if msg is not None:
+                print(msg, flush=True)
+                self._unwritten.append(msg + '\n')
+            if self.started:
+                with open(self.dir / 'log.txt', 'a') as f:
+                    f.writelines(self._unwritten)
+                self._unwritten.clear()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
@@ -146,6 +191,13 @@ class Run:
         self.barrier()                  # every rank leaves together: rank 0 may still be writing the run's files
         if self.writer:
             self.writer.close()
+
+
+def _changed(saved, now, key):
+    """Dotted keys whose values differ between a saved config section and this one."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [k for sub in {**saved, **now} for k in _changed(saved.get(sub), now.get(sub), f'{key}.{sub}')]
+    return [] if saved == now else [key]
 
 
 def _init_distributed(device):
@@ -177,7 +229,7 @@ def _pick_amp(amp, device):
     if amp == 'auto':
         if device.type != 'cuda':
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if amp == 'fp16' and device.type != 'cuda':
         raise ConfigError('run.amp: fp16 needs CUDA; on CPU use bf16 or off')
     choices = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -296,21 +348,21 @@ def load_trainable_state(model, sd):
         raise KeyError(f'checkpoint does not fit the model: missing or unexpected {wrong[:6]}')
 
 
-def _rng_state(loader):
+def _rng_state(loader, device):
     state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
              'loader': loader.generator.get_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)   # this run's GPU only: each rank saves its own
     return state
 
 
-def _set_rng_state(state, loader):
+def _set_rng_state(state, loader, device):
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
     loader.generator.set_state(state['loader'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,6 +379,7 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
     `ocfg` is the stage's config section: epochs, lr, weight_decay, warmup_epochs, clip_grad.
     Saves `checkpoint.pth` every epoch (atomically) and, with --resume, continues from it exactly:
     parameters, optimiser, grad scaler, schedule step, epoch, RNG states and the TensorBoard step."""
+    run.start()                         # every check of the stage has passed: the run folder is made now
     peak = scaled_lr(run, ocfg)
     optimizer = build_optimizer(model, peak, ocfg['weight_decay'], betas)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
@@ -343,17 +396,19 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
     total, warmup = epochs * per_epoch, ocfg['warmup_epochs'] * per_epoch
     epoch0, step, best, history = 0, 0, -math.inf, []
     if run.resume:
-        ckpt = torch.load(run.checkpoint, map_location=run.device, weights_only=False)
+        ckpt = torch.load(run.checkpoint, map_location='cpu', weights_only=False)   # RNG states stay CPU tensors
         load_trainable_state(model, ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         rng = ckpt['rng'] if isinstance(ckpt['rng'], list) else [ckpt['rng']]   # one state per rank
         if len(rng) == run.world:
-            _set_rng_state(rng[run.rank], loader)
+            _set_rng_state(rng[run.rank], loader, run.device)
         else:
             run.log(f'{tag}: checkpoint of {len(rng)} processes resumed with {run.world}: random states not restored')
         epoch0, step, best, history = ckpt['epoch'] + 1, ckpt['step'], ckpt['best'], ckpt['history']
         run.log(f'{tag}: resumed from {run.checkpoint} at epoch {epoch0}, step {step}')
+        if run.cfg['run']['workers']:   # persistent workers restart with fresh random states (see docs/runs.md)
+            run.log(f'{tag}: warning: resume is not exact with run.workers > 0 (shuffling and augmentation differ)')
     log_every = run.cfg['run']['log_every']
     for epoch in range(epoch0, epochs):
         if hasattr(loader.sampler, 'set_epoch'):
@@ -383,10 +438,10 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
             if step % log_every == 0 or i == per_epoch - 1:   # the only host sync: at logging intervals
                 avg = _mean_over_ranks(run, loss_sum).item() / n_loss
                 if not math.isfinite(avg):
+                    kept = f'the last good checkpoint is kept ({run.checkpoint})' if epoch else 'no checkpoint yet'
                     raise NonFiniteLossError(
-                        f'{tag}: loss became {avg} in epoch {epoch + 1}, steps {step - n_loss + 1}-{step}; stopped. '
-                        f'The last good checkpoint is kept ({run.checkpoint}): lower the lr, clip gradients, '
-                        f'or use run.amp=bf16/off')
+                        f'{tag}: loss became {avg} in epoch {epoch + 1}, steps {step - n_loss + 1}-{step}; stopped; '
+                        f'{kept}. Lower the lr, clip gradients, or use run.amp=bf16/off')
                 speed = n_img / (time.time() - t0)
                 eta = (total - step) * len(batch['image']) * run.world / speed
                 run.log(f'{tag} epoch {epoch + 1}/{epochs} step {step}/{total} loss {avg:.4f} lr {lr:.2e} '
@@ -409,9 +464,11 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
             for k, v in metrics.items():
                 if run.writer and isinstance(v, float):
                     run.writer.add_scalar(f'val/{k}', v, step)
-        improved = bool(metrics) and metrics['score'] > best
-        best = metrics['score'] if improved else best
-        rng = _rng_state(loader) if run.world == 1 else gather(run, [_rng_state(loader)])   # every rank's noise
+        score = metrics['score'] if metrics and math.isfinite(metrics['score']) else -math.inf   # NaN: no score
+        improved = bool(metrics) and (score > best or epoch == 0)   # epoch 1 always: stage 2 needs a best.pth
+        best = max(best, score)
+        rng = _rng_state(loader, run.device)
+        rng = rng if run.world == 1 else gather(run, [rng])   # every rank's noise
         if run.main:
             if improved:
                 atomic_save({'model': trainable_state(model), 'epoch': epoch + 1, 'metrics': metrics},

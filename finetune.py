@@ -138,7 +138,7 @@ def build_model(cfg, run, backbone_path, num_classes, init):
         lora.inject(backbone, cfg['peft'])                         # the same target modules as stage 1
     if init == 'tpp':                                              # --- TPP: start from the pre-trained targets
         path = cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
-        expected = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(cfg['peft']),
+        expected = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(backbone),
                     'backbone': fingerprint}
         try:
             meta = lora.load_targets(path, backbone, expected)
@@ -217,10 +217,7 @@ def main(args):
         raise engine.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
     if task not in ('classification', 'segmentation'):
         raise engine.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
-    backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
-    run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume)
-    start = time.time()
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
         raise engine.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
@@ -229,6 +226,9 @@ def main(args):
     arch = models.vit_kwargs(cfg['model'])
     sets = {s: data.SliceDataset(splits[s], dcfg, arch['img_size'], arch['in_chans'], task, train=s == 'labelled')
             for s in ('labelled', 'val', 'test')}
+    backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
+    run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
+    start = time.time()
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
     model, counts = build_model(cfg, run, backbone_path, num_classes, init)

@@ -12,6 +12,7 @@ and loading, so a task head or a `*bias*` name can never be caught by mistake.
 import fnmatch
 import hashlib
 import math
+import pickle
 
 import torch
 import torch.nn as nn
@@ -316,25 +317,40 @@ def merged_state_dict(model):
 # ----------------------------------------------------------------------------------------------------------------------
 # The targets file: the targets plus what they were pre-trained for
 
-def structure(peft):
-    """The PEFT settings that define the targets' shapes and function (dropout only regularises training); prompts only
-    when there are some, so targets files written before prompts existed still match."""
-    s = {'lora': {k: v for k, v in peft['lora'].items() if k != 'dropout'}, 'adapter': dict(peft['adapter'])}
-    return {**s, 'prompt': dict(peft['prompt'])} if peft['prompt']['tokens'] > 0 else s
+def structure(model):
+    """What each target module multiplies its output by (LoRA: alpha / r; adapters: kind and scale), resolved on the
+    model: with the target keys and shapes (checked on loading) this fixes what the targets compute, so equivalent
+    settings (layers [qkv] or [attn.qkv]; any alpha with r 0) compare equal."""
+    return {name: m.scaling if isinstance(m, LoRA) else [m.kind, m.scale] if isinstance(m, Adapter) else None
+            for name, m in model.named_modules() if isinstance(m, Target)}   # prompts: their shape says it all
 
 
-def check_meta(saved, expected, path):
+def check_meta(saved, expected, path, keys=('arch', 'backbone')):
     """Compare a targets file's metadata with this run; a difference is an error that says which setting differs."""
-    for key, what in (('arch', 'model.*'), ('peft', 'peft.*'), ('backbone', 'backbone.checkpoint')):
+    what = {'arch': 'model.*', 'backbone': 'backbone.checkpoint', 'peft': 'peft.lora.alpha / r, peft.adapter.scale'}
+    for key in keys:
         if saved.get(key) != expected[key]:
+            old, new = saved.get(key), expected[key]
+            if key == 'peft':   # the keys are equal by now (load_target_state_dict): name one module that differs
+                name = next(k for k in new if old.get(k) != new[k])
+                old, new = f'{name} scaling {old.get(name)}', new[name]
             raise TargetMismatchError(
-                f'{path}: the targets were pre-trained with {key} {saved.get(key)}, this run has {expected[key]} '
-                f'({what}): pre-train them again with the same settings, or set finetune.init=random')
+                f'{path}: the targets were pre-trained with {key} {old}, this run has {new} ({what[key]}): '
+                f'pre-train them again with the same settings, or set finetune.init=random')
 
 
 def load_targets(path, model, expected):
     """Stage 2's side of TPP: check a targets file against this run, then load its targets into `model`."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError) as e:
+        raise TargetMismatchError(f'{path}: not a readable targets file (empty, truncated or another kind of file: '
+                                  f'{type(e).__name__}): pre-train the targets again') from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('meta'), dict) or 'targets' not in ckpt:
+        raise TargetMismatchError(f'{path}: no meta / targets: not a targets file written by pretrain_targets.py')
+    if not all(torch.isfinite(v).all() for v in ckpt['targets'].values()):
+        raise TargetMismatchError(f'{path}: NaN or Inf in the targets: their pre-training diverged (lower pretrain.lr)')
     check_meta(ckpt['meta'], expected, path)
-    load_target_state_dict(model, ckpt['targets'])
+    load_target_state_dict(model, ckpt['targets'])   # names a missing, unexpected or mis-shaped target
+    check_meta(ckpt['meta'], expected, path, ('peft',))
     return ckpt['meta']

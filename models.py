@@ -404,9 +404,10 @@ class SegmentationHead(nn.Module):
     def __init__(self, embed_dim, patch_size, in_chans, num_classes, depth, channels=(64, 32, 16)):
         super().__init__()
         if patch_size < 4 or patch_size & (patch_size - 1):
-            raise ValueError(f'the segmentation decoder needs a power-of-two patch size >= 4, got {patch_size}')
+            raise ValueError(f'the segmentation decoder needs a power-of-two patch size >= 4, model.patch_size is '
+                             f'{patch_size}')
         if depth < 4:
-            raise ValueError(f'the segmentation decoder takes features of 4 blocks, the backbone has {depth}')
+            raise ValueError(f'the segmentation decoder reads 4 blocks: model.depth is {depth}, use 4 or more')
         self.patch_size = patch_size
         self.block_ids = [depth * (i + 1) // 4 - 1 for i in range(4)]
         num_stages = int(math.log2(patch_size))

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,7 +79,7 @@ def pretrain(cfg, path, recipe):
     boot_cfg = copy.deepcopy(cfg)
     boot_cfg['run']['out_dir'] = str(path.parent.parent)
     resume = (path.parent / 'checkpoint.pth').is_file()        # an interrupted bootstrap continues where it stopped
-    run = engine.Run(boot_cfg, path.parent.name, resume, replace=True)   # (one that crashed before it restarts)
+    run = engine.Run(boot_cfg, path.parent.name, resume, fixed=())   # the folder's name is its recipe's hash
     run.log(f'no backbone.checkpoint configured: pre-training the embedded default backbone with MAE on '
             f'{boot["images"]} synthetic upstream images (once; cached as {path})')
     mae = models.build_mae(cfg).to(run.device)
@@ -98,14 +99,21 @@ class CheckpointError(ValueError):
 
 
 def _read_state_dict(ckpt):
-    """Path or dict -> flat {name: tensor}: MAE/tpp {'model': sd}, timm bare sd, DDP/TaskModel prefixes removed."""
+    """Path or dict -> flat {name: tensor}: MAE/tpp {'model': sd}, timm bare sd, DDP/TaskModel prefixes removed.
+    An unreadable file or a non-finite weight raises CheckpointError naming the file."""
+    source = 'state dict'
     if isinstance(ckpt, (str, os.PathLike)):
+        source = ckpt
         # weights_only refuses arbitrary pickles; the official MAE training checkpoints also hold an argparse
         # Namespace, which is plain data and safe to allow.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(ckpt, map_location='cpu', weights_only=True)
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(ckpt, map_location='cpu', weights_only=True)
+        except (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError) as e:
+            raise CheckpointError(f'{source}: cannot be read as a PyTorch checkpoint (empty, truncated or another '
+                                  f'kind of file): {type(e).__name__}: {str(e)[:200]}') from None
     if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f'a checkpoint must be a dict, got {type(ckpt).__name__}')
+        raise CheckpointError(f'{source}: a checkpoint must be a dict, got {type(ckpt).__name__}')
     for wrapper in ('model', 'state_dict'):
         if isinstance(ckpt.get(wrapper), Mapping):
             ckpt = ckpt[wrapper]
@@ -116,6 +124,9 @@ def _read_state_dict(ckpt):
     for k, v in sd.items():
         if not torch.is_tensor(v):
             raise CheckpointError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor')
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f'{source}: NaN or Inf in {bad[:4]}: the file is damaged or its training diverged')
     return sd
 
 
@@ -167,7 +178,7 @@ def _adapt(key, value, shape, patch_size):
     raise CheckpointError(f'{key}: checkpoint shape {tuple(value.shape)} does not fit the model shape {tuple(shape)}')
 
 
-def load_checkpoint(model, ckpt):
+def load_checkpoint(model, ckpt, need_decoder=False):
     """Load a real checkpoint into a VisionTransformer or MaskedAutoencoder; return a one-line report.
 
     ckpt: a path or a dict: {'model': sd} (official MAE, encoder-only or with decoder; tpp, a TaskModel's
@@ -177,7 +188,7 @@ def load_checkpoint(model, ckpt):
     leaves a model's decoder as initialised. Checkpoint keys outside the model's modules (head.*, fc_norm.*, a
     decoder the model lacks) are ignored and reported. A missing model key, a checkpoint key inside the model's
     modules that the model lacks, or a shape that cannot be adapted raises CheckpointError naming the key and the
-    shapes.
+    shapes. need_decoder: the decoder stays frozen (pretrain.train_decoder false), so the checkpoint must have one.
     """
     if not isinstance(model, models.VisionTransformer):
         raise TypeError(f'load_checkpoint loads backbones (VisionTransformer, MaskedAutoencoder), '
@@ -201,6 +212,10 @@ def load_checkpoint(model, ckpt):
             ignored['decoder' if models.is_decoder_key(key) else key.split('.')[0] + ('.*' if '.' in key else '')] += 1
 
     ckpt_has_decoder = any(models.is_decoder_key(k) for k in loaded)
+    if need_decoder and model_has_decoder and not ckpt_has_decoder:
+        raise CheckpointError(f'{source} has no MAE decoder and pretrain.train_decoder is false: the targets would be '
+                              f'pre-trained through a random frozen decoder. Set pretrain.train_decoder=true, or use '
+                              f'a checkpoint with a decoder')
     missing = [k for k in own if k not in loaded and not (models.is_decoder_key(k) and not ckpt_has_decoder)]
     if missing:
         shown = ', '.join(f'{k} {tuple(own[k].shape)}' for k in missing[:5])

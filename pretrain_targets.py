@@ -107,9 +107,10 @@ def main(args):
     if pcfg['pretext'] not in ('mae', 'dino') or cfg['dino']['views'] < 2:
         raise engine.ConfigError(f"pretrain.pretext: {pcfg['pretext']!r} must be mae or dino (dino: dino.views >= 2)")
     dino = pcfg['pretext'] == 'dino'
+    cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])     # checked first: stage 0 can take minutes
+    models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
-    run = engine.Run(cfg, pcfg['name'], args.resume)
-    cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])
+    run = engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth')   # the folder is made when training starts
     train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
     arch = models.vit_kwargs(cfg['model'])
     size, chans = arch['img_size'], arch['in_chans']
@@ -117,7 +118,7 @@ def main(args):
 
     model = (models.build_dino(cfg) if dino else models.build_mae(cfg)).to(run.device)
     encoder = model.backbone if dino else model                  # the ViT that takes the targets
-    run.log(load_checkpoint(encoder, backbone_path))      # encoder, and the MAE decoder when both have one
+    run.log(load_checkpoint(encoder, backbone_path, need_decoder=not (dino or pcfg['train_decoder'])))   # (+ decoder)
     fingerprint = lora.backbone_fingerprint(encoder)             # identifies the backbone the targets belong to
 
     # --- TPP: insert the targets into the encoder and freeze everything else explicitly
@@ -133,7 +134,7 @@ def main(args):
                'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder']}
 
     # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
-    meta = {'arch': arch, 'peft': lora.structure(cfg['peft']), 'backbone': fingerprint,
+    meta = {'arch': arch, 'peft': lora.structure(encoder), 'backbone': fingerprint,
             'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
             'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']}}
     targets_path = run.dir / 'targets.pth'

@@ -6,9 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's top-level modules
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda are skipped on a machine without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason='needs a CUDA GPU')
+        for item in items:
+            if 'cuda' in item.keywords:
+                item.add_marker(skip)
 
 
 def tiny_config(tmp_path, cache, **sections):

@@ -184,6 +184,7 @@ def test_evaluation_over_ranks_equals_one_process(two_ranks, stage, tmp_path):
     best = runs / f'{stage}-2proc' / 'best.pth'
 
     def reuse_best(run, *a, **k):                       # no training: evaluate the torchrun run's checkpoint
+        run.start()                                     # (what train does first: make the run folder)
         shutil.copy(best, run.dir / 'best.pth')
         return {'steps': 0, 'best': None, 'history': []}
     with mock.patch.object(engine, 'train', reuse_best):

@@ -82,12 +82,53 @@ def tiny_run(tmp_path, name='run', resume=False, **run):
     return engine.Run(cfg, name, resume)
 
 
-def test_run_folder_is_never_overwritten(tmp_path):
-    tiny_run(tmp_path).close()
+def test_run_folder_is_made_when_training_starts_and_never_overwritten(tmp_path):
+    run = tiny_run(tmp_path)
+    assert not run.dir.exists()                                      # making a Run only checks
+    run.start()
+    assert (run.dir / 'config.yaml').is_file() and 'run folder' in (run.dir / 'log.txt').read_text()
+    run.close()
+    tiny_run(tmp_path).close()                 # no checkpoint yet (stopped before its first epoch ended): reused
+    (run.dir / 'checkpoint.pth').write_bytes(b'')
     with pytest.raises(FileExistsError, match='never overwritten.*--resume'):
         tiny_run(tmp_path)
     with pytest.raises(FileNotFoundError, match='nothing to resume'):
         tiny_run(tmp_path, name='other', resume=True)
+    (run.dir / 'targets.pth').write_bytes(b'')                       # the file a finished run writes last
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match='finished'):
+            engine.Run(run.cfg, 'run', resume, result='targets.pth')
+
+
+def test_resume_refuses_changed_settings_before_writing_anything(tmp_path):
+    run = tiny_run(tmp_path)
+    run.start()
+    (run.dir / 'checkpoint.pth').write_bytes(b'')
+    saved = (run.dir / 'config.yaml').read_bytes()
+    for key, value in [('peft.lora.r', 4), ('data.layout', 'msd'), ('model.depth', 3), ('backbone.checkpoint', 'x')]:
+        cfg = engine.load_config(engine.REFERENCE_CONFIG, [f'run.out_dir={tmp_path}', f'{key}={value}'])
+        with pytest.raises(engine.ConfigError, match=rf'--resume: {key} differs'):
+            engine.Run(cfg, 'run', resume=True)
+    assert (run.dir / 'config.yaml').read_bytes() == saved
+
+
+def test_config_yaml_syntax_errors_name_the_file_or_override(tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text('pretrain:\n  lr: [1e-3\n')
+    with pytest.raises(engine.ConfigError, match=rf'{path}: not valid YAML'):
+        engine.load_config(path)
+    with pytest.raises(engine.ConfigError, match=r'--set peft.lora.layers=\[qkv: not valid YAML'):
+        engine.load_config(engine.REFERENCE_CONFIG, ['peft.lora.layers=[qkv'])
+
+
+@pytest.mark.parametrize('override', ['pretrain.epochs=0', 'pretrain.epochs=-1', 'finetune.epochs=null',
+                                      'finetune.batch_size=0', 'backbone.bootstrap.batch_size=null',
+                                      'pretrain.lr=null', 'finetune.lr=.nan', 'pretrain.lr=inf', 'finetune.lr=0',
+                                      'pretrain.weight_decay=-0.1', 'run.workers=-1', 'run.log_every=0'])
+def test_non_positive_budgets_and_non_finite_rates_are_refused(override):
+    key = override.split('=')[0]
+    with pytest.raises(engine.ConfigError, match=rf'--set {override}: {key} must be a finite number'):
+        engine.load_config(engine.REFERENCE_CONFIG, [override])
 
 
 class Toy(torch.utils.data.Dataset):
@@ -114,6 +155,49 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         engine.train(run, model, loader, loss_fn, ocfg)
     ckpt = torch.load(run.checkpoint, weights_only=False)
     assert ckpt['epoch'] == 0 and all(math.isfinite(v.abs().sum()) for v in ckpt['model'].values())
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+    run = tiny_run(tmp_path)
+    ocfg = {'epochs': 1, 'lr': 1e-3, 'weight_decay': 0.0, 'warmup_epochs': 0, 'clip_grad': None}
+    with pytest.raises(engine.NonFiniteLossError, match='no checkpoint yet') as err:
+        engine.train(run, torch.nn.Linear(2, 1), engine.make_loader(run, Toy(), 4, train=True),
+                     lambda net, batch: net(batch['image']).sum() * math.nan, ocfg)
+    assert 'checkpoint.pth' not in str(err.value)
+
+
+def test_best_pth_is_written_when_no_score_is_finite(tmp_path):
+    run = tiny_run(tmp_path)
+    ocfg = {'epochs': 2, 'lr': 1e-3, 'weight_decay': 0.0, 'warmup_epochs': 0, 'clip_grad': None}
+    engine.train(run, torch.nn.Linear(2, 1), engine.make_loader(run, Toy(), 4, train=True),
+                 lambda net, batch: net(batch['image']).pow(2).mean(), ocfg, evaluate=lambda m: {'score': math.nan})
+    assert torch.load(run.dir / 'best.pth', weights_only=False)['epoch'] == 1   # the first epoch, so stage 2 ends
+
+
+def test_resume_reads_the_checkpoint_on_the_cpu_and_restores_the_random_states(tmp_path, monkeypatch):
+    ocfg = {'epochs': 2, 'lr': 1e-3, 'weight_decay': 0.0, 'warmup_epochs': 0, 'clip_grad': None}
+    loss_fn = lambda net, batch: net(batch['image']).pow(2).mean()
+    run = tiny_run(tmp_path, workers=1)
+    engine.train(run, torch.nn.Linear(2, 1), engine.make_loader(run, Toy(), 4, train=True), loss_fn, ocfg)
+    saved = torch.load(run.checkpoint, weights_only=False)['rng']
+    load, where = torch.load, []
+
+    def spy(*a, **kw):
+        where.append(kw.get('map_location'))
+        return load(*a, **kw)
+    monkeypatch.setattr(torch, 'load', spy)
+    run = tiny_run(tmp_path, resume=True, workers=1)
+    loader = engine.make_loader(run, Toy(), 4, train=True)
+    engine.train(run, torch.nn.Linear(2, 1), loader, loss_fn, dict(ocfg, epochs=2))
+    assert where and set(where) == {'cpu'}     # RNG states stay CPU tensors: torch.set_rng_state refuses CUDA ones
+    assert torch.equal(torch.get_rng_state(), saved['torch']) and torch.equal(loader.generator.get_state(),
+                                                                               saved['loader'])
+    assert 'not exact with run.workers > 0' in (run.dir / 'log.txt').read_text()
+
+
+def test_amp_auto_uses_fp16_where_bf16_is_only_emulated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
+    assert engine._pick_amp('auto', torch.device('cuda', 0)) == torch.float16       # a V100 / T4
 
 
 class _RandomItems(torch.utils.data.Dataset):

@@ -1,6 +1,7 @@
 """The target parameters: exact properties of LoRA, adapters, freezing and the target filter."""
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -244,20 +245,64 @@ def test_mismatches_raise_named_errors(saved, wanted, message):
         lora.load_target_state_dict(_targets(wanted), sd)
 
 
-def test_targets_file_meta_is_checked(tmp_path):
-    model = _targets(peft())
-    meta = {'arch': {'embed_dim': D}, 'peft': lora.structure(peft()), 'backbone': lora.backbone_fingerprint(model)}
-    path = tmp_path / 'targets.pth'
+def _expected(settings, seed=0):
+    """A model with these targets inserted, and the metadata a targets file for it must have."""
+    model = _targets(settings, seed)
+    return model, {'arch': {'embed_dim': D}, 'peft': lora.structure(model),
+                   'backbone': lora.backbone_fingerprint(model)}
+
+
+def _targets_file(path, settings, seed=0):
+    model, meta = _expected(settings, seed)
+    with torch.no_grad():
+        for _, p in lora.target_parameters(model):
+            p.add_(1.0)                                                          # trained: not the fresh init
     torch.save({'targets': lora.target_state_dict(model), 'meta': meta}, path)
-    lora.load_targets(path, _targets(peft()), meta)                             # same everything: loads
-    other_backbone = _targets(peft(), seed=1)
-    expected = dict(meta, backbone=lora.backbone_fingerprint(other_backbone))
+    return meta
+
+
+def test_targets_file_meta_is_checked(tmp_path):
+    path = tmp_path / 'targets.pth'
+    meta = _targets_file(path, peft())
+    lora.load_targets(path, *_expected(peft()))                                 # same everything: loads
     with pytest.raises(lora.TargetMismatchError, match='backbone.checkpoint'):
-        lora.load_targets(path, other_backbone, expected)
+        lora.load_targets(path, *_expected(peft(), seed=1))
     with pytest.raises(lora.TargetMismatchError, match=r'model\.\*'):
         lora.load_targets(path, _targets(peft()), dict(meta, arch={'embed_dim': 64}))
-    with pytest.raises(lora.TargetMismatchError, match=r'peft\.\*'):
-        lora.load_targets(path, _targets(peft()), dict(meta, peft=lora.structure(peft(alpha=16))))
+    with pytest.raises(lora.TargetMismatchError, match=r'scaling 2.0, this run has 4.0 \(peft.lora.alpha'):
+        lora.load_targets(path, *_expected(peft(alpha=16)))
+    with pytest.raises(lora.TargetMismatchError, match=r'rank 4, config has rank 2 \(peft.lora.r\)'):
+        lora.load_targets(path, *_expected(peft(r=2, alpha=4)))
+
+
+@pytest.mark.parametrize('saved, wanted', [
+    (peft(layers=['qkv']), peft(layers=['attn.qkv'])),                          # the same layers, named two ways
+    (peft(r=0, alpha=8, adapter='parallel'), peft(r=0, alpha=32, adapter='parallel')),   # no LoRA: alpha unused
+    (peft(r=4, alpha=8), peft(r=4, alpha=8.0)),
+])
+def test_equivalent_settings_load_the_targets(tmp_path, saved, wanted):
+    path = tmp_path / 'targets.pth'
+    _targets_file(path, saved)
+    model, expected = _expected(wanted)
+    lora.load_targets(path, model, expected)
+    saved_targets = torch.load(path)['targets']
+    assert all(torch.equal(p, saved_targets[n]) for n, p in lora.target_parameters(model))
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda path: path.write_bytes(b''), 'not a readable targets file'),
+    (lambda path: path.write_bytes(path.read_bytes()[:200]), 'not a readable targets file'),
+    (lambda path: path.write_text('r: 4\n'), 'not a readable targets file'),
+    (lambda path: torch.save({'targets': torch.load(path)['targets']}, path), 'no meta'),
+    (lambda path: torch.save({k: {n: v * math.nan for n, v in d.items()} if k == 'targets' else d
+                              for k, d in torch.load(path).items()}, path), 'NaN or Inf'),
+])
+def test_damaged_targets_file_is_named(tmp_path, damage, message):
+    path = tmp_path / 'targets.pth'
+    _targets_file(path, peft())
+    damage(path)
+    with pytest.raises(lora.TargetMismatchError, match=rf'{path}: .*{message}'):
+        lora.load_targets(path, *_expected(peft()))
 
 
 def test_fingerprint_ignores_targets_and_decoder():
@@ -309,8 +354,7 @@ def test_prompts_are_the_only_new_keys_with_vpt_shapes(deep):
     bound = (6 / (1 * 8 * 8 + D)) ** 0.5                                        # VPT: xavier bound of the patch proj
     assert 0.5 * bound < tokens.abs().max() <= bound
     assert set(lora.target_state_dict(model)) == {'prompt.tokens'}
-    assert lora.structure(peft(r=0, prompt=N_PROMPT, deep=deep))['prompt'] == {'tokens': N_PROMPT, 'deep': deep}
-    assert 'prompt' not in lora.structure(peft())                          # no prompts: old targets files still match
+    assert lora.structure(model) == {'prompt': None}                           # the shape is the whole structure
 
 
 @pytest.mark.parametrize('cfg', [peft(r=0, prompt=N_PROMPT), peft(prompt=N_PROMPT, deep=True, adapter='parallel')])

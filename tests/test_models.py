@@ -283,6 +283,27 @@ def test_decoder_and_head_handling():
         B.load_checkpoint(mae(), partial)
 
 
+def test_frozen_decoder_needs_a_checkpoint_with_one():
+    with pytest.raises(B.CheckpointError, match=r'no MAE decoder.*pretrain.train_decoder=true'):
+        B.load_checkpoint(mae(), vit().state_dict(), need_decoder=True)     # a random decoder would stay frozen
+    assert 'decoder (' not in B.load_checkpoint(mae(), mae().state_dict(), need_decoder=True)
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda path: path.write_bytes(b''), 'cannot be read'),
+    (lambda path: path.write_bytes(path.read_bytes()[:500]), 'cannot be read'),
+    (lambda path: path.write_text('model: vit_base\n'), 'cannot be read'),
+    (lambda path: torch.save({'model': {k: v * math.inf if k.endswith('fc1.weight') else v
+                                        for k, v in vit().state_dict().items()}}, path), r'NaN or Inf in \[.*fc1'),
+])
+def test_damaged_backbone_checkpoint_is_named(tmp_path, damage, message):
+    path = tmp_path / 'mae.pth'
+    torch.save({'model': vit().state_dict()}, path)
+    damage(path)
+    with pytest.raises(B.CheckpointError, match=rf'{path}: .*{message}'):
+        B.load_checkpoint(vit(), path)
+
+
 def test_tpp_task_model_checkpoint_and_path(tmp_path):
     task = M.TaskModel(vit(), M.ClassificationHead(32, 3, pool='mean'))
     ddp = {'module.' + k: v for k, v in task.state_dict().items()}

@@ -125,7 +125,16 @@ def test_interrupted_run_resumes_exactly(tmp_path, cache, crash_after_checkpoint
     straight = script.main(args(cfg, f'{name}.name=straight'))
     with crash_after_checkpoint():
         script.main(args(cfg, f'{name}.name=crashed'))
+    saved = (tmp_path / 'runs' / 'crashed' / 'config.yaml').read_bytes()
+    with pytest.raises(engine.ConfigError, match=r'--resume: data.window differs'):     # nothing rewritten
+        script.main(args(cfg, f'{name}.name=crashed', 'data.window=[-100, 200]', resume=True))
+    assert (tmp_path / 'runs' / 'crashed' / 'config.yaml').read_bytes() == saved
     resumed = script.main(args(cfg, f'{name}.name=crashed', resume=True))
+    result = resumed if script is pretrain_targets else resumed / 'metrics.json'
+    stamp = result.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match='finished'):                              # its outputs are kept
+        script.main(args(cfg, f'{name}.name=crashed', resume=True))
+    assert result.stat().st_mtime_ns == stamp
     if script is pretrain_targets:
         a, b = (torch.load(p, weights_only=True)['targets'] for p in (straight, resumed))
     else:
@@ -141,7 +150,7 @@ def test_prompt_tuning_alone_through_both_stages(tmp_path, cache):
     path = pretrain_targets.main(args(cfg, *vpt))
     saved = torch.load(path, weights_only=True)
     assert set(saved['targets']) == {'prompt.tokens'} and saved['targets']['prompt.tokens'].shape == (1, 8, 32)
-    assert saved['meta']['peft']['prompt'] == {'tokens': 8, 'deep': False}
+    assert saved['meta']['peft'] == {'prompt': None}                            # the prompts, nothing else
     run_dir = finetune.main(args(cfg, *vpt))
     assert 'targets: loaded' in (run_dir / 'log.txt').read_text()
     model = torch.load(run_dir / 'model.pth', weights_only=False)['model']
@@ -167,3 +176,33 @@ def test_medmnist_file_through_both_stages(tmp_path, cache):
         (run_dir / 'log.txt').read_text()                                       # the file's own splits
     metrics = json.loads((run_dir / 'metrics.json').read_text())
     assert metrics['test']['majority_floor'] == 0.5 and 0 <= metrics['test']['auc'] <= 1
+
+
+def test_everything_checkable_is_checked_before_stage0_and_the_run_folder(tmp_path, cache, monkeypatch):
+    cfg = tiny_config(tmp_path, cache)
+    with monkeypatch.context() as m:
+        m.setattr(pretrain_targets, 'resolve', lambda cfg: pytest.fail('stage 0 ran before the checks'))
+        with pytest.raises(data.DataError, match='data.root'):
+            pretrain_targets.main(args(cfg, 'data.layout=msd'))
+        with pytest.raises(ValueError, match=r'4 blocks: model.depth is 3'):      # stage 2's segmentation head
+            pretrain_targets.main(args(cfg, 'model.depth=3'))
+    with pytest.raises(FileNotFoundError, match='finetune.targets'):
+        finetune.main(args(cfg, f'finetune.targets={tmp_path}/none.pth'))
+    mae = models.build_mae(engine.load_config(cfg))
+    pretrain_backbone.load_checkpoint(mae, pretrain_backbone.resolve(engine.load_config(cfg)))
+    encoder = {k: v for k, v in mae.state_dict().items() if not models.is_decoder_key(k)}
+    torch.save({'model': encoder}, tmp_path / 'encoder.pth')
+    with pytest.raises(pretrain_backbone.CheckpointError, match='train_decoder'):
+        pretrain_targets.main(args(cfg, 'pretrain.train_decoder=false', f'backbone.checkpoint={tmp_path}/encoder.pth'))
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_runs_again(tmp_path, cache, monkeypatch):
+    cfg = tiny_config(tmp_path, cache, pretrain={'epochs': 1})
+    with monkeypatch.context() as m:
+        m.setattr(engine, 'to_device', lambda batch, device: (_ for _ in ()).throw(KeyboardInterrupt('killed')))
+        with pytest.raises(KeyboardInterrupt):
+            pretrain_targets.main(args(cfg))
+    assert (tmp_path / 'runs' / 'pretrain' / 'log.txt').is_file()
+    assert not (tmp_path / 'runs' / 'pretrain' / 'checkpoint.pth').exists()
+    assert pretrain_targets.main(args(cfg)).is_file()                    # no --resume, no deleting by hand

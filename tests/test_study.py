@@ -37,7 +37,7 @@ def test_quick_writes_table_and_csvs(quick):
     assert all(r['status'] == 'ok' for r in rows)
     for r in stage2:
         metrics = json.loads((out / r['name'] / 'metrics.json').read_text())
-        assert float(r['test_score']) == pytest.approx(metrics['test']['score'], abs=5e-5)   # the run's own number (4 decimals)
+        assert float(r['test_score']) == pytest.approx(metrics['test']['score'], abs=5e-5)   # its own, to 4 decimals
         assert r['val_curve'].split(';') == [f"{h['score']:.4f}" for h in metrics['history']]
         assert len(r['val_curve'].split(';')) == int(r['epochs']) == 2
         assert 1 <= int(r['converge_epoch']) <= 2
