@@ -11,6 +11,7 @@ import lora
 import models
 
 D, DEPTH = 32, 2
+N_PROMPT, L = 3, 16                                                              # prompt tokens, patches of 32/8
 
 
 def peft(r=4, alpha=8, layers=('qkv',), qv_only=False, adapter='none', dim=8, scale=0.5, prompt=0, deep=False):
@@ -102,9 +103,10 @@ def test_lora_runs_under_bf16_autocast(qv_only):
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
 
 
-def test_merged_export_is_a_plain_vit():
+@pytest.mark.parametrize('prompts', [0, N_PROMPT])
+def test_merged_export_is_a_plain_vit_with_its_prompts(prompts):
     model = vit()
-    lora.inject(model, peft(layers=('qkv', 'fc2'), qv_only=True))
+    lora.inject(model, peft(layers=('qkv', 'fc2'), qv_only=True, prompt=prompts, deep=True))
     lora.mark_trainable(model)
     train_steps(model)
     x = images()
@@ -112,6 +114,8 @@ def test_merged_export_is_a_plain_vit():
         out = model.forward_features(x)
         sd = lora.merged_state_dict(model)
     plain = vit()
+    if prompts:                                                          # prompts stay: a ViT with the slot filled
+        lora.inject(plain, peft(r=0, prompt=prompts, deep=True))
     assert sd.keys() == plain.state_dict().keys()                    # no LoRA factor left, every ViT key there
     plain.load_state_dict(sd)
     with torch.no_grad():
@@ -332,8 +336,6 @@ def test_vit_base_targets_file_under_one_percent_of_backbone():
 # ----------------------------------------------------------------------------------------------------------------------
 # Visual prompt tuning: learned tokens after cls, the only new keys, seen by the encoder blocks only
 
-N_PROMPT, L = 3, 16                                                              # prompt tokens, patches of 32/8
-
 
 def block_inputs(model):
     """Record the tokens entering each encoder block (forward pre-hooks); returns the list they are appended to."""
@@ -424,21 +426,3 @@ def test_mae_prompts_join_the_visible_tokens_only():
     assert pred.shape == (3, L, 64) and torch.isfinite(loss)
     loss.backward()
     assert mae.prompt.tokens.grad.abs().sum() > 0
-
-
-def test_merged_export_keeps_the_prompts():
-    model = vit()
-    lora.inject(model, peft(layers=('qkv', 'fc2'), prompt=N_PROMPT, deep=True))
-    lora.mark_trainable(model)
-    train_steps(model)
-    x = images()
-    with torch.no_grad():
-        out = model.forward_features(x)
-        sd = lora.merged_state_dict(model)
-    assert 'prompt.tokens' in sd and not any('.lora.' in k for k in sd)
-    plain = vit()
-    lora.inject(plain, peft(r=0, prompt=N_PROMPT, deep=True))                 # a ViT with its prompt slot filled
-    assert sd.keys() == plain.state_dict().keys()
-    plain.load_state_dict(sd)
-    with torch.no_grad():
-        torch.testing.assert_close(plain.forward_features(x), out, atol=1e-5, rtol=0)
