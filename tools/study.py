@@ -435,9 +435,8 @@ def main(args):
     write_csv(rows, out / 'runs.csv')
     write_curves(rows, out / 'val_curves.csv')
     total = sum(r['seconds'] for r in rows if math.isfinite(r['seconds']))
-    command = 'python ' + ' '.join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv[0].endswith('study.py') \
-        else f'study.main({vars(args)})'
-    header = ['## Benchmark results', '',
+    command = 'python ' + ' '.join(sys.argv) if sys.argv[0].endswith('study.py') else f'study.main({vars(args)})'
+    header = ['## Study results', '',
               f'- command: `{command}`',
               f'- machine: {machine()}',
               f'- runs: {len(rows)} ({sum(r["stage"] == 1 for r in rows)} stage 1); sum of run times '
