@@ -66,9 +66,10 @@ class LoRA(Target):
     def forward(self, x, y):
         """Add the update to the base layer's output y (..., out) computed from input x (..., in)."""
         a = (self.dropout(x) @ self.A.t()) * self.scaling                     # (..., g*r): scale the narrow side
-        B = self.B.view(self.groups, self.width, self.r)                       # (g, d, r): one pair per slice
-        delta = torch.cat([a[..., i * self.r:(i + 1) * self.r] @ B[i].t() for i in range(self.groups)], -1)  # (..., g*d)
-        return y + delta if self.rows is None else y.index_add(-1, self.rows, delta.to(y.dtype))
+        B = torch.block_diag(*self.B.view(self.groups, self.width, self.r))    # (g*d, g*r): slice i sees only A_i
+        if self.rows is None:                                                  # every row: y + a B^T in one addmm
+            return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), B.t()).view_as(y)
+        return y.index_add(-1, self.rows, (a @ B.t()).to(y.dtype))            # the adapted slices' rows only
 
 
 class LoRALinear(nn.Linear):
