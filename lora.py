@@ -334,7 +334,8 @@ def check_meta(saved, expected, path, keys=('arch', 'backbone')):
             old, new = saved.get(key), expected[key]
             if key == 'peft':   # the keys are equal by now (load_target_state_dict): name one module that differs
                 name = next(k for k in new if old.get(k) != new[k])
-                old, new = f'{name} scaling {old.get(name)}', new[name]
+                old = f'{name} scaling {old[name]}' if name in old else f'no record of {name} (a file of an older tpp?)'
+                new = new[name]
             raise TargetMismatchError(
                 f'{path}: the targets were pre-trained with {key} {old}, this run has {new} ({what[key]}): '
                 f'pre-train them again with the same settings, or set finetune.init=random')

@@ -426,3 +426,8 @@ def test_mae_prompts_join_the_visible_tokens_only():
     assert pred.shape == (3, L, 64) and torch.isfinite(loss)
     loss.backward()
     assert mae.prompt.tokens.grad.abs().sum() > 0
+
+
+def test_a_targets_file_without_the_resolved_structure_is_named_as_older():
+    with pytest.raises(lora.TargetMismatchError, match=r'no record of blocks\.0\.attn\.qkv\.lora \(a file of an older tpp'):
+        lora.check_meta({'peft': {'lora': {'r': 8}}}, {'peft': {'blocks.0.attn.qkv.lora': 1.0}}, 'old.pth', ('peft',))
