@@ -25,6 +25,11 @@ class Target(nn.Module):
     """Marker base class: every parameter owned by a Target module is a target parameter (the only rule)."""
 
 
+# What torch.load raises for an empty, truncated or non-PyTorch file (the targets file here, backbone checkpoints in
+# pretrain_backbone.py): caught to name the file instead of a traceback from deep inside the unpickler.
+UNREADABLE_FILE_ERRORS = (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError)
+
+
 class TargetMismatchError(ValueError):
     """Saved targets do not fit this model (keys, shapes or the recorded backbone / PEFT settings)."""
 
@@ -345,7 +350,7 @@ def load_targets(path, model, expected):
     """Stage 2's side of TPP: check a targets file against this run, then load its targets into `model`."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError) as e:
+    except UNREADABLE_FILE_ERRORS as e:
         raise TargetMismatchError(f'{path}: not a readable targets file (empty, truncated or another kind of file: '
                                   f'{type(e).__name__}): pre-train the targets again') from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('meta'), dict) or 'targets' not in ckpt:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -109,7 +108,7 @@ def _read_state_dict(ckpt):
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(ckpt, map_location='cpu', weights_only=True)
-        except (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError) as e:
+        except lora.UNREADABLE_FILE_ERRORS as e:
             raise CheckpointError(f'{source}: cannot be read as a PyTorch checkpoint (empty, truncated or another '
                                   f'kind of file): {type(e).__name__}: {str(e)[:200]}') from None
     if not isinstance(ckpt, Mapping):
