@@ -546,7 +546,7 @@ def split_cases(cases: list[Case], dcfg: dict) -> dict[str, list[Case]]:
     fraction = dcfg['label_fraction']
     if not 0 < fraction <= 1:
         raise DataError(f'data.label_fraction: {fraction} must be in (0, 1]')
-    train_order = _stratified_order(sorted(groups['train']), labels, dcfg['split_seed'])
+    train_order = _stratified_order(sorted(groups['train']), labels, dcfg['label_seed'])
     groups['labelled'] = set(train_order[:max(1, round(len(train_order) * fraction))])
     return {s: [c for c in cases if c.id in g] for s, g in groups.items()}
 

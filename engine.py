@@ -55,7 +55,7 @@ def _parse_yaml(text, source):
 _TRAINING = ('backbone.bootstrap', 'pretrain', 'finetune')
 _POSITIVE = {'run.log_every', 'backbone.bootstrap.images', 'peft.adapter.dim',
              *(f'{s}.{k}' for s in _TRAINING for k in ('epochs', 'batch_size', 'lr'))}
-_NON_NEGATIVE = {'run.workers', 'peft.lora.r',
+_NON_NEGATIVE = {'run.workers', 'peft.lora.r', 'pretrain.decoder_warmup_steps',
                  *(f'{s}.{k}' for s in _TRAINING for k in ('weight_decay', 'warmup_epochs'))}
 
 
@@ -332,10 +332,11 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def trainable_state(model):
-    """What a training checkpoint needs: trainable parameters and buffers. The frozen backbone is rebuilt from its
-    own checkpoint, so stage-1 checkpoints stay as small as the targets."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+def trainable_state(model, trained):
+    """What a training checkpoint needs: the parameters the run trains (`trained`, their names; kept even once
+    frozen_after stops them) and the buffers. The frozen backbone is rebuilt from its own checkpoint, so stage-1
+    checkpoints stay as small as the targets."""
+    names = set(trained) | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
@@ -372,18 +373,23 @@ def _fmt_time(seconds):
     return time.strftime('%H:%M:%S', time.gmtime(max(0, seconds)))
 
 
-def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, tag='train', after_step=None):
+def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, tag='train', after_step=None,
+          frozen_after=None):
     """Train the parameters of `model` that require grad. `loss_fn(model, batch) -> loss` (scalar tensor);
     `evaluate(model) -> dict` with 'score' (higher is better) runs after every epoch and picks `best.pth`;
     `after_step(model)` runs after every optimiser step (DINO's teacher update; what it changes must be a buffer).
+    `frozen_after=(n, params)`: these parameters stop training after n optimiser steps (no gradient, no update).
     `ocfg` is the stage's config section: epochs, lr, weight_decay, warmup_epochs, clip_grad.
     Saves `checkpoint.pth` every epoch (atomically) and, with --resume, continues from it exactly:
     parameters, optimiser, grad scaler, schedule step, epoch, RNG states and the TensorBoard step."""
     run.start()                         # every check of the stage has passed: the run folder is made now
+    if frozen_after and run.world > 1:  # DDP waits for the gradient of every parameter it was built with
+        raise ConfigError(f'{tag}: freezing parameters mid-run (decoder_warmup_steps) needs a single process')
     peak = scaled_lr(run, ocfg)
     optimizer = build_optimizer(model, peak, ocfg['weight_decay'], betas)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}   # saved even once frozen_after stops them
     net = model
     if run.world > 1:
         # DDP starts every rank from rank 0's parameters and buffers (ranks are seeded differently) and then averages
@@ -417,6 +423,9 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
         epoch_loss = torch.zeros((), device=run.device)
         loss_sum, n_loss, n_img, t0 = torch.zeros((), device=run.device), 0, 0, time.time()
         for i, batch in enumerate(loader):
+            if frozen_after and step >= frozen_after[0]:      # a pure function of the step: exact on resume
+                for p in frozen_after[1]:
+                    p.requires_grad_(False)
             lr = lr_at(step, total, warmup, peak)
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -471,9 +480,9 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
         rng = rng if run.world == 1 else gather(run, [rng])   # every rank's noise
         if run.main:
             if improved:
-                atomic_save({'model': trainable_state(model), 'epoch': epoch + 1, 'metrics': metrics},
+                atomic_save({'model': trainable_state(model, trained), 'epoch': epoch + 1, 'metrics': metrics},
                             run.dir / 'best.pth')
-            atomic_save({'model': trainable_state(model), 'optimizer': optimizer.state_dict(),
+            atomic_save({'model': trainable_state(model, trained), 'optimizer': optimizer.state_dict(),
                          'scaler': scaler.state_dict(), 'rng': rng, 'epoch': epoch, 'step': step,
                          'best': best, 'history': history}, run.checkpoint)
         run.barrier()   # no rank reads best.pth (or resumes) before rank 0 has written it

@@ -7,6 +7,8 @@ finetune.init:
   random  the same PEFT modules from their usual initialisation (plain PEFT, the baseline TPP improves on)
   full    every backbone parameter fine-tuned but the fixed sin-cos pos_embed (reference)
   linear  frozen backbone, only the task head trained (reference)
+  linear_tpp  frozen backbone and frozen pre-trained targets, only the task head trained: does the representation
+          carry anything useful before any target is fine-tuned? (the TPP diagnostic)
 The task head (classification or segmentation) always trains. Validation picks the best epoch; the test split is
 evaluated once, with it. Results: <run folder>/metrics.json, TensorBoard, best.pth and the inference model model.pth.
 """
@@ -26,7 +28,7 @@ import lora
 import models
 import pretrain_backbone
 
-INITS = ('tpp', 'random', 'full', 'linear')
+INITS = ('tpp', 'random', 'full', 'linear', 'linear_tpp')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,9 +136,9 @@ def build_model(cfg, run, backbone_path, num_classes, init):
     backbone = models.build_backbone(cfg)
     run.log(pretrain_backbone.load_checkpoint(backbone, backbone_path))
     fingerprint = lora.backbone_fingerprint(backbone)
-    if init in ('tpp', 'random'):
+    if init in ('tpp', 'random', 'linear_tpp'):
         lora.inject(backbone, cfg['peft'])                         # the same target modules as stage 1
-    if init == 'tpp':                                              # --- TPP: start from the pre-trained targets
+    if init in ('tpp', 'linear_tpp'):                              # --- TPP: start from the pre-trained targets
         path = cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
         expected = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(backbone),
                     'backbone': fingerprint}
@@ -155,13 +157,13 @@ def build_model(cfg, run, backbone_path, num_classes, init):
 
 def add_head(cfg, backbone, num_classes, init):
     """TaskModel of the backbone (targets already inserted) and the task head, with exactly the parameters of this
-    init method trainable: the targets and the head, everything ('full') or the head alone ('linear')."""
+    init method trainable: the targets and the head, everything ('full') or the head alone ('linear', 'linear_tpp')."""
     model = models.TaskModel(backbone, models.build_head(cfg, num_classes))
     extra = model.head.parameters()
     if init == 'full':   # every parameter the forward uses (DDP needs that): segmentation skips the final norm
         extra = [p for n, p in model.named_parameters() if n != 'backbone.pos_embed'       # fixed sin-cos, as in MAE
                  and not (cfg['finetune']['task'] == 'segmentation' and n.startswith('backbone.norm.'))]
-    return model, lora.mark_trainable(model, extra=list(extra))
+    return model, lora.mark_trainable(model, extra=list(extra), targets=init != 'linear_tpp')
 
 
 def save_inference_model(run, model, cfg, num_classes):

@@ -217,10 +217,11 @@ def target_parameters(model):
             yield from module.named_parameters(prefix=mod_name)
 
 
-def mark_trainable(model, extra=()):
-    """Set requires_grad on every parameter, explicitly: targets and `extra` (a task head, the pretext decoder) train,
-    everything else (the backbone) is frozen. TPP's first rule: the backbone never changes. Returns the counts."""
-    train = {id(p) for _, p in target_parameters(model)} | {id(p) for p in extra}
+def mark_trainable(model, extra=(), targets=True):
+    """Set requires_grad on every parameter, explicitly: targets (unless targets=False) and `extra` (a task head, the
+    pretext decoder) train, everything else (the backbone) is frozen. TPP's first rule: the backbone never changes.
+    Returns the counts."""
+    train = {id(p) for _, p in target_parameters(model) if targets} | {id(p) for p in extra}
     for p in model.parameters():
         p.requires_grad = id(p) in train
     return param_counts(model)

@@ -3,11 +3,12 @@
     python pretrain_backbone.py --config config.yaml [--set key=value ...]
 
 With an official MAE checkpoint (backbone.checkpoint) there is nothing to do here: the other stages load it. With
-backbone.checkpoint null they call `resolve(cfg)`, which makes the embedded default once and caches it in
-run.cache_dir: every parameter of the MAE (encoder and decoder) trained on synthetic *upstream* images, a different
-appearance from the downstream data (domain shift, as ImageNet is to CT). Running this script first only moves that
-one-time cost out of stage 1. The cache folder's name is a hash of everything that shapes the weights, so a changed
-recipe trains a new backbone instead of reusing a stale one.
+backbone.checkpoint null they call `resolve(cfg)`, which returns the embedded default: every parameter of the MAE
+(encoder and decoder) trained on synthetic *upstream* images, natural textures and other modalities' looks, a
+different appearance from the downstream data (domain shift, as ImageNet is to CT). The default config's backbone is
+shipped in weights/ (made by this script, ~20 min on 2 CPU cores; weights/README.md); any other recipe is trained
+here once and cached in run.cache_dir. The name is a hash of everything that shapes the weights, so a changed recipe
+trains a new backbone instead of reusing a stale one.
 
 `train_mae` is the MAE training shared with stage 1: there only the targets (and the decoder) require grad.
 `load_checkpoint` loads any backbone checkpoint (official MAE, timm, tpp) into the models of models.py.
@@ -32,31 +33,38 @@ import models
 import synthetic
 
 
-def train_mae(run, mae, dataset, ocfg, tag):
-    """MAE training of whatever in `mae` requires grad, with the config section `ocfg` (its mask_ratio included)."""
+def train_mae(run, mae, dataset, ocfg, tag, frozen_after=None):
+    """MAE training of whatever in `mae` requires grad, with the config section `ocfg` (its mask_ratio included);
+    `frozen_after` as in engine.train."""
     loader = engine.make_loader(run, dataset, ocfg['batch_size'], train=True)
     loss_fn = lambda model, batch: model(batch['image'], ocfg['mask_ratio'])[0]   # (loss, pred, mask): no labels
-    return engine.train(run, mae, loader, loss_fn, ocfg, betas=(0.9, 0.95), tag=tag)   # MAE's betas
+    return engine.train(run, mae, loader, loss_fn, ocfg, betas=(0.9, 0.95), tag=tag,   # MAE's betas
+                        frozen_after=frozen_after)
 
 
 def upstream_dataset(cfg):
     """The synthetic upstream images as a SliceDataset (8-bit grey / 255, then data.mean / data.std; no augmentation,
     as the bootstrap has always trained)."""
     arch, boot = models.vit_kwargs(cfg['model']), cfg['backbone']['bootstrap']
-    root = synthetic.synthetic_root('upstream', cfg['run']['cache_dir'], seed=cfg['run']['seed'], n=boot['images'],
+    root = synthetic.synthetic_root('upstream', cfg['run']['cache_dir'], seed=boot['seed'], n=boot['images'],
                                     size=arch['img_size'])
     cases = [data.Case(p.stem, p, None, None) for p in sorted(root.glob('*.png'))]
     dcfg = {**cfg['data'], 'intensity': 'none', 'skip_empty': 0}
     return data.SliceDataset(cases, dcfg, arch['img_size'], arch['in_chans'], task=None, train=False)
 
 
+WEIGHTS = Path(__file__).resolve().parent / 'weights'   # shipped default backbones, named like their cache folders
+
+
 def default_path(cfg):
-    """Where the embedded default backbone of this config lives (made or not) and the recipe it is made with."""
+    """Where the embedded default backbone of this config lives (made or not) and the recipe it is made with: the
+    shipped file of this recipe if there is one (weights/README.md), else its folder in run.cache_dir."""
     recipe = {'model': models.vit_kwargs(cfg['model']), 'mae': cfg['mae'], 'bootstrap': cfg['backbone']['bootstrap'],
-              'seed': cfg['run']['seed'], 'normalise': [cfg['data']['mean'], cfg['data']['std']],
+              'normalise': [cfg['data']['mean'], cfg['data']['std']],
               'data': synthetic.GENERATOR_VERSION}
     name = 'backbone-' + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cfg['run']['cache_dir']) / name / 'backbone.pth', recipe
+    shipped = WEIGHTS / f'{name}.pth'
+    return (shipped if shipped.is_file() else Path(cfg['run']['cache_dir']) / name / 'backbone.pth'), recipe
 
 
 def resolve(cfg):
@@ -77,6 +85,7 @@ def pretrain(cfg, path, recipe):
     boot = cfg['backbone']['bootstrap']
     boot_cfg = copy.deepcopy(cfg)
     boot_cfg['run']['out_dir'] = str(path.parent.parent)
+    boot_cfg['run']['seed'] = boot['seed']                     # the backbone does not change with the run's seed
     resume = (path.parent / 'checkpoint.pth').is_file()        # an interrupted bootstrap continues where it stopped
     run = engine.Run(boot_cfg, path.parent.name, resume, fixed=())   # the folder's name is its recipe's hash
     run.log(f'no backbone.checkpoint configured: pre-training the embedded default backbone with MAE on '

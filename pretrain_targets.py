@@ -107,6 +107,8 @@ def main(args):
     if pcfg['pretext'] not in ('mae', 'dino') or cfg['dino']['views'] < 2:
         raise engine.ConfigError(f"pretrain.pretext: {pcfg['pretext']!r} must be mae or dino (dino: dino.views >= 2)")
     dino = pcfg['pretext'] == 'dino'
+    if pcfg['decoder_warmup_steps'] and (dino or not pcfg['train_decoder']):
+        raise engine.ConfigError('pretrain.decoder_warmup_steps: only for pretext mae with train_decoder: true')
     cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])     # checked first: stage 0 can take minutes
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
@@ -129,13 +131,17 @@ def main(args):
             f'{len(dataset)} training slices from {len(train_cases)} cases')
 
     # --- TPP: the pretext task on the downstream images
-    result = train_dino(run, model, dataset, cfg) if dino else train_mae(run, model, dataset, pcfg, tag='pretrain')
+    decoder = [p for n, p in model.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
+    warm = (pcfg['decoder_warmup_steps'], decoder) if pcfg['decoder_warmup_steps'] else None  # then only targets adapt
+    result = train_dino(run, model, dataset, cfg) if dino else train_mae(run, model, dataset, pcfg, 'pretrain', warm)
     pretext = {'name': 'dino', **cfg['dino']} if dino else {'name': 'mae', 'mask_ratio': pcfg['mask_ratio'],
-               'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder']}
+               'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder'],
+               'decoder_warmup_steps': pcfg['decoder_warmup_steps']}
 
     # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
     meta = {'arch': arch, 'peft': lora.structure(encoder), 'backbone': fingerprint,
             'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
+            'final_loss': result['history'][-1]['train_loss'],
             'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']}}
     targets_path = run.dir / 'targets.pth'
     if run.main:

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 1      # bump when a generator changes: the cache folder name changes, so the data is regenerated
+GENERATOR_VERSION = 2      # bump when a generator changes: the cache folder name changes, so the data is regenerated
 SYNTH_SEED = 0
 SYNTH_CT = dict(n_cases=64, shape=(96, 96, 28), spacing=(3.6, 3.6, 5.0))
 SYNTH_US = dict(n_per_class=100, size=128)
@@ -256,11 +256,9 @@ def write_synthetic_us(root, n_per_class=100, size=128, seed=SYNTH_SEED):
             Image.fromarray(mask.astype(np.uint8) * 255).save(root / cls / f'{cls}_{i:03d}_mask.png')
 
 
-def _upstream_image(rng, size):
-    """A 'dead leaves' image: overlapping discs, squares and stripes of flat or textured grey with sharp edges; an
-    appearance far from CT and ultrasound (no anatomy, no speckle) for the bootstrap backbone."""
+def _dead_leaves(rng, size, yy, xx):
+    """Overlapping discs, squares and bars of flat or striped grey with sharp edges (natural-image statistics)."""
     k = int(rng.integers(20, 50))
-    yy, xx = np.mgrid[0:1:size * 1j, 0:1:size * 1j].astype(np.float32)
     cx, cy = rng.uniform(-0.1, 1.1, (2, k, 1, 1)).astype(np.float32)
     r = (0.03 + 0.35 * rng.uniform(0, 1, (k, 1, 1)) ** 2).astype(np.float32)  # many small leaves, few large
     shape = rng.integers(0, 3, (k, 1, 1))
@@ -274,8 +272,62 @@ def _upstream_image(rng, size):
     value = rng.uniform(0, 1, (k, 1, 1)) + striped * grating
     top = k - 1 - np.argmax(inside[::-1], axis=0)  # painter's order: the last leaf over a pixel is the one seen
     img = np.take_along_axis(value, top[None], axis=0)[0]
-    img = np.where(inside.any(0), img, rng.uniform(0, 1))
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return np.where(inside.any(0), img, rng.uniform(0, 1))
+
+
+def _clouds(rng, size, yy, xx):
+    """Fractal noise: a random power-law spectrum 1/f^beta (clouds, rock, bark)."""
+    f = np.hypot(np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :])
+    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / np.maximum(f, 1 / size) ** rng.uniform(1.5, 2.2)
+    return np.fft.irfft2(spectrum, s=(size, size))
+
+
+def _flow(rng, size, yy, xx):
+    """Stripes along a smooth random orientation field (wood grain, fingerprints, fibres)."""
+    theta = _smooth(rng.normal(size=(size, size)), size / 6) * size / 4 + rng.uniform(0, np.pi)
+    phase = 2 * np.pi * rng.uniform(2, 5) * (xx * np.cos(theta) + yy * np.sin(theta))
+    return np.sin(phase) + 0.3 * _smooth(rng.normal(size=(size, size)), 2)
+
+
+def _cells(rng, size, yy, xx):
+    """Fluorescence-microscopy-like: bright round cells of many sizes, some with a nucleus, on a dark background."""
+    k = int(rng.integers(5, 40))
+    cx, cy = rng.uniform(0, 1, (2, k, 1, 1))
+    r = rng.uniform(0.02, 0.09, (k, 1, 1))
+    d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r ** 2
+    body = rng.uniform(0.3, 1, (k, 1, 1)) * np.exp(-d2 ** 2)
+    nucleus = rng.uniform(0, 0.8, (k, 1, 1)) * np.exp(-(4 * d2) ** 2)
+    return (body + nucleus).max(0) + 0.2 * _smooth(rng.normal(size=(size, size)), size / 8)   # uneven background
+
+
+def _vessels(rng, size, yy, xx):
+    """Branching dark curves on a smooth bright background (angiography-like), traced by smooth random walks."""
+    canvas = np.zeros((size, size), np.float32)
+    for _ in range(int(rng.integers(2, 7))):
+        turn = np.cumsum(np.cumsum(rng.normal(0, 0.003, 400)))            # a curvature that drifts
+        angle = rng.uniform(0, 2 * np.pi) + np.clip(turn, -3, 3)
+        path = rng.uniform(0, size, 2) + np.cumsum(np.stack([np.cos(angle), np.sin(angle)], 1) * 0.5, 0)
+        keep = ((path >= 0) & (path < size)).all(1)
+        iy, ix = path[keep].astype(int).T
+        np.add.at(canvas, (iy, ix), rng.uniform(0.5, 2))
+    vessels = _smooth(canvas, rng.uniform(1, 2))
+    return 1 - vessels / max(vessels.max(), 1e-6) + 0.3 * _smooth(rng.normal(size=(size, size)), size / 8)
+
+
+UPSTREAM_KINDS = [_dead_leaves, _clouds, _flow, _cells, _vessels]
+
+
+def _upstream_image(rng, size):
+    """One upstream image of a random kind: natural textures and other modalities' looks, far from the CT and
+    ultrasound generators (no organs, no lesions, no speckle), for the bootstrap backbone. Random contrast and
+    polarity; 8-bit grey."""
+    yy, xx = np.mgrid[0:1:size * 1j, 0:1:size * 1j].astype(np.float32)
+    img = UPSTREAM_KINDS[rng.integers(len(UPSTREAM_KINDS))](rng, size, yy, xx)
+    lo, hi = np.percentile(img, [1, 99])
+    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) ** rng.uniform(0.6, 1.6)   # contrast and gamma
+    if rng.uniform() < 0.3:
+        img = 1 - img
+    return (img * 255).astype(np.uint8)
 
 
 def write_upstream(root, n=2000, size=64, seed=SYNTH_SEED):

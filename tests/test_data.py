@@ -436,3 +436,14 @@ def test_negative_and_non_utf8_csv_labels(tmp_path, dcfg):
     bad(dcfg, r'm.csv line 3: label -1 is negative', layout='csv', root=str(manifest), intensity='none')
     (tmp_path / 'l.csv').write_bytes('image,label\nx.png,bénin\ny.png,malin\n'.encode('latin-1'))
     bad(dcfg, r'l.csv: not UTF-8 text .*byte 19', layout='csv', root=str(tmp_path / 'l.csv'), intensity='none')
+
+
+def test_label_seed_changes_the_labelled_subset_and_nothing_else(dcfg):
+    cases = [Case(f'p{n}', Path(f'p{n}.png'), None, n % 2) for n in range(80)]
+    a = data.split_cases(cases, dict(dcfg, label_fraction=0.1))
+    b = data.split_cases(cases, dict(dcfg, label_fraction=0.1, label_seed=1))
+    ids = lambda group: {c.id for c in group}
+    for split in ('train', 'val', 'test'):
+        assert ids(a[split]) == ids(b[split])
+    assert len(a['labelled']) == len(b['labelled']) and ids(a['labelled']) != ids(b['labelled'])
+    assert ids(b['labelled']) <= ids(b['train']) and {c.label for c in b['labelled']} == {0, 1}

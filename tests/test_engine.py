@@ -222,3 +222,34 @@ def test_same_seed_gives_same_batches_with_workers(workers):
     assert not torch.equal(a[0]['image'], c[0]['image'])
     if workers:   # numpy is seeded per worker too: workers do not repeat each other's draws
         assert not torch.equal(a[0]['np'], a[1]['np'])
+
+
+def test_frozen_after_stops_those_parameters_and_resume_goes_on_from_their_trained_values(tmp_path,
+                                                                                          crash_after_checkpoint):
+    """The mechanism of pretrain.decoder_warmup_steps: the given parameters train for n steps and never change after;
+    the checkpoint keeps their trained values (not the ones the model was built with), so resume is exact."""
+    ocfg = {'epochs': 2, 'lr': 1e-2, 'weight_decay': 0.05, 'warmup_epochs': 0, 'clip_grad': 1.0}
+    loss_fn = lambda net, batch: (net(batch['image']) - 1).pow(2).mean()
+
+    def train(name, resume=False, seen=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        run = tiny_run(tmp_path, name, resume)
+        engine.train(run, model, engine.make_loader(run, Toy(), 4, train=True), loss_fn, ocfg,
+                     after_step=lambda m: seen.append([p.detach().clone() for p in m.parameters()]) if seen is not None
+                     else None, frozen_after=(1, list(model[1].parameters())))
+        return model
+
+    seen = []
+    whole = train('whole', seen=seen)              # Toy: 8 items, batch 4: 2 steps per epoch, 4 in all
+    assert len(seen) == 4
+    for later in seen[1:]:
+        assert torch.equal(later[2], seen[0][2]) and torch.equal(later[3], seen[0][3])   # frozen after step 1
+        assert not torch.equal(later[0], seen[0][0])                                       # the rest still trains
+    torch.manual_seed(0)
+    assert not torch.equal(seen[0][2], torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))[1].weight)
+    with crash_after_checkpoint():                 # stopped after epoch 1 (step 2: the second layer already frozen)
+        train('resumed')
+    resumed = train('resumed', resume=True)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

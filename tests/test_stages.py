@@ -14,6 +14,7 @@ import lora
 import models
 import pretrain_backbone
 import pretrain_targets
+import synthetic
 from conftest import args, tiny_config
 
 
@@ -34,10 +35,10 @@ def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeyp
     seen = {}
     train_mae = pretrain_targets.train_mae
 
-    def spy(run, mae, dataset, ocfg, tag):   # snapshot the frozen backbone before stage-1 training
+    def spy(run, mae, dataset, ocfg, tag, frozen_after=None):   # snapshot the frozen backbone before training
         seen['mae'], seen['before'] = mae, {n: p.detach().clone() for n, p in mae.named_parameters()
                                             if not p.requires_grad}
-        return train_mae(run, mae, dataset, ocfg, tag)
+        return train_mae(run, mae, dataset, ocfg, tag, frozen_after)
     monkeypatch.setattr(pretrain_targets, 'train_mae', spy)
     path = pretrain_targets.main(args(tiny_config(tmp_path, cache)))
 
@@ -54,6 +55,38 @@ def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeyp
     assert path.stat().st_size < 0.25 * backbone_file.stat().st_size
     assert saved['meta']['steps'] > 0 and saved['meta']['backbone'] == lora.backbone_fingerprint(mae)
     assert (path.parent / 'reconstructions.png').stat().st_size > 0
+
+
+def test_decoder_warmup_trains_the_decoder_for_its_steps_then_freezes_it(tmp_path, cache, monkeypatch):
+    seen = {}
+    train_mae = pretrain_targets.train_mae
+
+    def spy(run, mae, dataset, ocfg, tag, frozen_after=None):
+        seen['decoder'] = {id(p) for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad}
+        seen['frozen_after'] = frozen_after
+        return train_mae(run, mae, dataset, ocfg, tag, frozen_after)
+    monkeypatch.setattr(pretrain_targets, 'train_mae', spy)
+    cfg = tiny_config(tmp_path, cache, pretrain={'decoder_warmup_steps': 1})
+    path = pretrain_targets.main(args(cfg))
+    n, params = seen['frozen_after']                     # engine.train freezes them (tests/test_engine.py)
+    assert n == 1 and {id(p) for p in params} == seen['decoder'] and seen['decoder']
+    assert torch.load(path, weights_only=True)['meta']['pretext']['decoder_warmup_steps'] == 1
+    with pytest.raises(engine.ConfigError, match='decoder_warmup_steps'):
+        pretrain_targets.main(args(cfg, 'pretrain.train_decoder=false', 'pretrain.name=other'))
+
+
+def test_linear_tpp_trains_the_head_on_the_frozen_pre_trained_targets(tmp_path, cache):
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
+    targets = torch.load(pretrain_targets.main(args(cfg)), weights_only=True)['targets']
+    run_cfg = engine.load_config(cfg, ['finetune.init=linear_tpp'])
+    run = engine.Run(run_cfg, 'probe')
+    model, counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear_tpp')
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f'head.{n}' for n, _ in
+                                                                            model.head.named_parameters()}
+    loaded = {n: p for n, p in lora.target_parameters(model.backbone)}
+    assert set(loaded) == set(targets) and all(torch.equal(loaded[k], targets[k]) for k in targets)
+    linear, linear_counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear')
+    assert counts['trainable'] == linear_counts['trainable'] and counts['targets'] > 0 == linear_counts['targets']
 
 
 @pytest.mark.parametrize('task', ['segmentation', 'classification'])
@@ -206,3 +239,26 @@ def test_a_run_stopped_before_its_first_checkpoint_runs_again(tmp_path, cache, m
     assert (tmp_path / 'runs' / 'pretrain' / 'log.txt').is_file()
     assert not (tmp_path / 'runs' / 'pretrain' / 'checkpoint.pth').exists()
     assert pretrain_targets.main(args(cfg)).is_file()                    # no --resume, no deleting by hand
+
+
+def test_the_shipped_backbone_is_the_default_configs_and_has_learned_to_reconstruct():
+    """weights/ holds the default config's stage 0 (weights/README.md): the Quickstart never trains it. Its recipe
+    is the default config's, every tensor loads, and on fresh upstream images it reconstructs masked patches better
+    than their best constant guess (each patch's mean: 0 in normalised pixels), which an untrained MAE does not."""
+    cfg = engine.load_config(engine.REFERENCE_CONFIG)
+    path, recipe = pretrain_backbone.default_path(cfg)
+    assert path.parent == pretrain_backbone.WEIGHTS and path.is_file()
+    assert torch.load(path, weights_only=True)['recipe'] == recipe
+    torch.manual_seed(0)
+    untrained, mae = models.build_mae(cfg), models.build_mae(cfg)
+    assert pretrain_backbone.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')
+    rng = np.random.default_rng(123)                       # fresh upstream-like images, none of the training set's
+    images = np.stack([synthetic._upstream_image(rng, cfg['model']['img_size']) for _ in range(64)]) / 255.0
+    x = (torch.tensor(images, dtype=torch.float32)[:, None] - cfg['data']['mean'][0]) / cfg['data']['std'][0]
+    with torch.no_grad():
+        losses = {}
+        for name, model in (('trained', mae), ('untrained', untrained)):
+            torch.manual_seed(1)                           # the same masks for both
+            losses[name], pred, mask = model(x, 0.75)
+        mean_guess = mae.forward_loss(x, torch.zeros_like(pred), mask)
+    assert losses['trained'] < 0.95 * mean_guess < 0.95 * losses['untrained'], (losses, mean_guess)

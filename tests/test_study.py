@@ -1,9 +1,12 @@
-"""tools/study.py --quick end to end on the tiny config: the table and the CSVs are written, every stage-1 run is
-shared, and a second invocation resumes the matrix instead of starting over."""
+"""tools/study.py --quick end to end on the tiny config: the summary, table, CSVs and plots are written and agree
+with the runs, every stage-1 variant is shared by the seeds, --tune picks the best validation lr, and a second
+invocation resumes the matrix instead of starting over."""
 import csv
 import json
 import shutil
+from xml.etree import ElementTree
 
+import numpy as np
 import pytest
 import yaml
 
@@ -31,9 +34,10 @@ def test_quick_writes_table_and_csvs(quick):
     rows = read_rows(out)
     stage1 = [r for r in rows if r['stage'] == '1']
     stage2 = [r for r in rows if r['stage'] == '2']
-    assert len(stage1) == len(m['methods'])                       # one per data set and method, shared
-    per_cell = len(m['methods']) * len(m['inits']) + len(m['references'])
-    assert len(stage2) == len(m['pairs']) * len(m['fractions']) * len(m['seeds']) * per_cell
+    datasets = {d for d, _ in m['pairs']}
+    assert len(stage1) == len(datasets) * (len(m['sweep']['variants']) + len(m['methods']) - 1)   # shared by seeds
+    per_seed = 2 * len(m['methods']) + len(m['references'][0.1]) + len(m['sweep']['variants']) - 1
+    assert len(stage2) == len(m['pairs']) * len(m['fractions']) * len(m['seeds']) * per_seed
     assert all(r['status'] == 'ok' for r in rows)
     for r in stage2:
         metrics = json.loads((out / r['name'] / 'metrics.json').read_text())
@@ -42,22 +46,72 @@ def test_quick_writes_table_and_csvs(quick):
         assert len(r['val_curve'].split(';')) == int(r['epochs']) == 2
         assert 1 <= int(r['converge_epoch']) <= 2
         assert int(r['trainable']) > 0
-    tpp = [r for r in stage2 if r['init'] == 'tpp']
-    assert tpp and all(f"s1-ct-{r['method']}/targets.pth" in json.dumps(
-        yaml.safe_load((out / r['name'] / 'config.yaml').read_text())['finetune']['targets']) for r in tpp)
+        cfg = yaml.safe_load((out / r['name'] / 'config.yaml').read_text())
+        assert cfg['data']['label_seed'] == cfg['run']['seed'] == int(r['seed'])        # the labelled subset varies
+        if r['variant']:                                                  # tpp and linear_tpp start from their targets
+            assert cfg['finetune']['targets'].endswith(f"s1-{r['dataset']}-{r['method']}-{r['variant']}/targets.pth")
+
+    s1 = {r['name']: yaml.safe_load((out / r['name'] / 'config.yaml').read_text())['pretrain'] for r in stage1}
+    x1 = next(r for r in stage1 if r['name'] == 's1-ct-lora-x1')
+    assert s1['s1-ct-lora-x4']['epochs'] == 4 * s1['s1-ct-lora-x1']['epochs']
+    assert s1['s1-ct-lora-frozen']['train_decoder'] is False
+    assert s1['s1-ct-lora-warmup']['decoder_warmup_steps'] == max(1, round(study.WARMUP_FRACTION * int(x1['steps'])))
+
+    summary = json.loads((out / 'summary.json').read_text())
+    by_key = {(c['data'], c['labels'], c['method'], c['init'], c['stage1_variant']): c for c in summary['cells']}
+    assert {c['init'] for c in summary['cells']} == {'random', 'tpp', 'full', 'probe_backbone', 'probe_tpp'}
+    for c in summary['cells']:
+        runs = sorted((r for r in stage2 if (r['dataset'], r['task'], float(r['fraction']), r['init']) ==
+                       (c['data'], c['task'], c['labels'], {v: k for k, v in study.INIT_NAMES.items()}[c['init']])
+                       and (r['variant'] or None) == c['stage1_variant'] and (r['method'] if r['method'] != 'ref'
+                                                                               else None) == c['method']),
+                      key=lambda r: int(r['seed']))
+        assert c['seeds'] == [int(r['seed']) for r in runs] == m['seeds']
+        assert c['values'] == pytest.approx([float(r['test_score']) for r in runs], abs=5e-5)
+        assert c['collapsed'] == sum(int(r['collapsed']) for r in runs)
+        if c['init'] in ('tpp', 'probe_tpp'):                   # paired by seed against its reference cell
+            ref = by_key[(c['data'], c['labels'], c['method'] if c['init'] == 'tpp' else None,
+                          'random' if c['init'] == 'tpp' else 'probe_backbone', None)]
+            diff = np.array(c['values']) - np.array(ref['values'])
+            assert c['paired_diff_mean'] == pytest.approx(diff.mean())
+            half = study.T975[len(diff) - 2] * diff.std(ddof=1) / np.sqrt(len(diff))
+            assert c['paired_diff_ci95'] == pytest.approx([diff.mean() - half, diff.mean() + half])
+            assert c['wins'] == int((diff > 0).sum())
+    for key, p in summary['design']['primary'].items():     # the variant with the best mean validation metric
+        d, task = key.split(':')
+        cand = [c for c in summary['cells'] if (c['data'], c['task'], c['labels'], c['method'], c['init']) ==
+                (d, task, m['sweep']['fraction'], 'lora', 'tpp')]
+        assert len(cand) == len(m['sweep']['variants'])
+        assert p['variant'] == max(cand, key=lambda c: (np.mean(c['val_values']), c['stage1_variant'] == 'x1'))[
+            'stage1_variant']
+    assert isinstance(summary['design']['health_holds'], bool)
 
     table = (out / 'results.md').read_text()
-    for needle in ('lora tpp', 'adapter random', 'full fine-tuning', 'linear probe', 'TPP − random', ' ± ',
-                   'acc 0.', 'Dice 0', 's1-ct-lora'):
+    for needle in ('Primary endpoint', 'probe_tpp', 'Health of the baselines', ' ± ', 'x4 ('):
         assert needle in table, needle
+    for svg in ('effect_vs_stage1.svg', 'val_curves.svg'):
+        assert ElementTree.parse(out / svg).getroot().tag.endswith('svg')
     with open(out / 'val_curves.csv') as f:
         curves = list(csv.DictReader(f))
     for r in curves:                                  # each point is the mean over seeds of the runs' own curves
-        runs = [x for x in stage2 if (x['dataset'], x['task'], x['fraction'], x['method'], x['init']) ==
-                (r['dataset'], r['task'], r['fraction'], r['method'], r['init'])]
+        runs = [x for x in stage2 if (x['dataset'], x['task'], x['fraction'], x['method'], x['init'], x['variant']) ==
+                (r['dataset'], r['task'], r['fraction'], r['method'], r['init'], r['variant'])]
         expected = sum(float(x['val_curve'].split(';')[int(r['epoch']) - 1]) for x in runs) / len(runs)
         assert int(r['n_seeds']) == len(runs) and abs(float(r['val_mean']) - expected) < 1e-4
-    assert len(curves) == 2 * len({(x['dataset'], x['task'], x['fraction'], x['method'], x['init']) for x in stage2})
+    assert len(curves) == 2 * len(summary['cells'])
+
+
+def test_tune_picks_the_best_validation_lr(tmp_path, cache):
+    path = tiny_config(tmp_path, cache)
+    out = tmp_path / 'tune'
+    lrs = study.main(study.parse_args(['--config', str(path), '--quick', '--tune', '--out', str(out), '--pairs',
+                                       'us:classification', '--set', 'finetune.epochs=1']))
+    rows = read_rows(out)
+    assert {float(r['lr']) for r in rows} == set(study.TUNE['peft']) | set(study.TUNE['full'])
+    assert all(r['seed'] == str(study.TUNE['seed']) for r in rows)
+    for kind, init in (('peft', 'random'), ('full', 'full')):
+        best = max((r for r in rows if r['init'] == init), key=lambda r: float(r['val_score']))
+        assert lrs[('us', 0.1)][kind] == float(best['lr'])
 
 
 def test_second_invocation_resumes(quick, capsys, crash_after_checkpoint):
