@@ -10,7 +10,8 @@ built-in synthetic_ct / synthetic_us, which synthetic.py writes once into run.ca
 layouts; they are read here like real data.
 
 Volumes are reoriented to the closest canonical (RAS) orientation and cut into 2D slices along data.axis; a 2D image
-is one slice. Intensities go to [0, 1] (CT window, per-image percentiles, or as stored), then (x - mean) / std.
+is one slice. Intensities go to [0, 1] (CT window, per-image percentiles, or as stored; data.intensity auto picks one
+from the data in prepare), then (x - mean) / std.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from PIL import Image
 import synthetic
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+INTENSITIES = ('window', 'percentile', 'none')   # prepare resolves data.intensity auto to one (resolve_intensity)
 BODY_LEVEL = 0.05          # a pixel above this (after scaling to [0, 1]) counts as body for data.skip_empty
 SPLITS = ('train', 'val', 'test')
 
@@ -185,16 +187,14 @@ class _LRU:
 
 def intensity_range(arr: np.ndarray, dcfg: dict) -> tuple[float, float]:
     """[lo, hi] of the image values mapped to [0, 1]: the CT window in HU, per-image percentiles, or the stored range
-    (integers over their dtype's maximum, floats already in [0, 1])."""
+    (integers over their dtype's maximum, floats already in [0, 1]). The mode is a resolved one (_check_intensity)."""
     mode = dcfg['intensity']
     if mode == 'window':
         lo, hi = dcfg['window']
     elif mode == 'percentile':
         lo, hi = np.percentile(arr, dcfg['percentile'])
-    elif mode == 'none':
+    else:  # none
         lo, hi = 0.0, (np.iinfo(arr.dtype).max if np.issubdtype(arr.dtype, np.integer) else 1.0)
-    else:
-        raise DataError(f"data.intensity: {mode!r} is not one of window | percentile | none")
     return float(lo), float(max(hi, lo + 1e-6))  # a constant image maps to 0, not to NaN
 
 
@@ -218,7 +218,8 @@ def _check_norm(dcfg, in_chans):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Layout readers: each returns (cases, names) with names = {'class_names': seg names or None, 'label_names': ...}
+# Layout readers: each returns (cases, names) with names = {'class_names': seg names or None, 'label_names': ...};
+# msd and csv add 'modality', channel 0's in dataset.json or None (data.intensity auto reads it)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _label_names_json(path: Path):
@@ -234,6 +235,16 @@ def _label_names_json(path: Path):
     else:
         raise DataError(f'{path}: "labels" must map indices to names (region labels with lists are not supported)')
     return [by_index.get(i, str(i)) for i in range(max(by_index) + 1)]
+
+
+def _modality_json(path: Path):
+    """Channel 0's modality in a dataset.json (MSD "modality": {"0": "CT"}, nnU-Net v2 "channel_names"), or None
+    when there is no file or no such entry."""
+    try:
+        js = json.loads(path.read_text())
+        return str((js.get('modality') or js['channel_names'])['0'])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def read_msd(root: Path):
@@ -262,7 +273,8 @@ def read_msd(root: Path):
     if orphans:
         raise DataError(f'{labels[orphans[0]]}: mask without an image in {images_dir}')
     js = root / 'dataset.json'
-    return cases, {'class_names': _label_names_json(js) if js.exists() else None, 'label_names': None}
+    return cases, {'class_names': _label_names_json(js) if js.exists() else None, 'label_names': None,
+                   'modality': _modality_json(js)}
 
 
 def read_csv(path: Path):
@@ -311,7 +323,7 @@ def read_csv(path: Path):
                           labels[n - 2] if 'label' in columns else None, row.get('split')))
     js = path.parent / 'dataset.json'  # optional segmentation class names, as in the msd layout
     return cases, {'class_names': _label_names_json(js) if js.exists() and 'mask' in columns else None,
-                   'label_names': label_names}
+                   'label_names': label_names, 'modality': _modality_json(js)}
 
 
 def read_folder(root: Path, suffix: str):
@@ -385,26 +397,43 @@ def read_medmnist(path: Path):
 # prepare: resolve the layout, then validate every case before training
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check_intensity(dcfg):
-    """data.intensity and the [low, high] pair it uses, checked before any file is read."""
-    mode = dcfg['intensity']
-    if mode not in ('window', 'percentile', 'none'):
-        raise DataError(f"data.intensity: {mode!r} is not one of window | percentile | none")
-    if mode == 'none':
-        return
-    pair = dcfg[mode]
-    ok = (isinstance(pair, (list, tuple)) and len(pair) == 2 and
-          all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair))
-    if not (ok and pair[0] < pair[1] and (mode == 'window' or 0 <= pair[0] and pair[1] <= 100)):
-        raise DataError(f"data.{mode}: {pair!r} must be [low, high] with low < high"
-                        f"{' (Hounsfield units)' if mode == 'window' else ', both in [0, 100]'}")
+def _check_intensity(dcfg, auto=True):
+    """data.intensity and the [low, high] pair it uses (auto: both, either may be chosen), checked before any file is
+    read. auto=False (SliceDataset): only a resolved mode, as prepare leaves it."""
+    mode, allowed = dcfg['intensity'], ('auto', *INTENSITIES) if auto else INTENSITIES
+    if mode not in allowed:
+        hint = ' (prepare resolves auto from the data: call it first)' if mode == 'auto' else ''
+        raise DataError(f"data.intensity: {mode!r} is not one of {' | '.join(allowed)}{hint}")
+    for key in {'auto': ('window', 'percentile'), 'none': ()}.get(mode, (mode,)):
+        pair = dcfg[key]
+        ok = (isinstance(pair, (list, tuple)) and len(pair) == 2 and
+              all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair))
+        if not (ok and pair[0] < pair[1] and (key == 'window' or 0 <= pair[0] and pair[1] <= 100)):
+            raise DataError(f"data.{key}: {pair!r} must be [low, high] with low < high"
+                            f"{' (Hounsfield units)' if key == 'window' else ', both in [0, 100]'}")
 
 
-def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
-    """Resolve data.layout (synthetic sets are written to cache_dir on first use), list and validate every case; with
-    a task ('classification' / 'segmentation') also refuse data with one class for it. Returns (cases, info) with info
-    keys num_classes_seg (incl. background) or None and num_classes_cls or None."""
-    _check_intensity(dcfg)
+def resolve_intensity(mode: str, cases: list[Case], names: dict) -> tuple[str, str]:
+    """(mode, what to log): an explicit data.intensity as it is; auto becomes none for MedMNIST arrays (uint8 / 255),
+    percentile for 2D image files and for NIfTI whose dataset.json names another modality than CT (MRI, T2, FLAIR),
+    and window for the other NIfTI volumes, read as CT in Hounsfield units. cases, names: from read_cases."""
+    if mode != 'auto':
+        return mode, mode
+    modality = names.get('modality')
+    if all(in_npz(c.image) for c in cases):
+        mode, why = 'none', 'MedMNIST arrays'
+    elif not all(is_nifti(c.image) for c in cases):
+        mode, why = 'percentile', '2D image files'
+    elif modality and modality.upper() != 'CT':
+        mode, why = 'percentile', f'NIfTI volumes, dataset.json modality {modality}'
+    else:
+        mode, why = 'window', f"NIfTI volumes, {'dataset.json modality CT' if modality else 'read as CT'}"
+    return mode, f'auto -> {mode} ({why})'
+
+
+def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
+    """The cases of data.layout and their names (layout readers), files listed but not decoded; the synthetic sets
+    are written to cache_dir on first use."""
     layout, root = dcfg['layout'], dcfg.get('root')
     if layout == 'synthetic_ct':
         root = synthetic.synthetic_root('ct', cache_dir)
@@ -425,7 +454,18 @@ def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
                         f'medmnist')
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
-    return cases, validate(cases, names, dcfg, task)
+    return cases, names
+
+
+def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
+    """Resolve data.layout (read_cases) and data.intensity, then validate every case; with a task ('classification' /
+    'segmentation') also refuse data with one class for it. Returns (cases, info) with info keys num_classes_seg
+    (incl. background) or None, num_classes_cls or None, and intensity, the line to log about data.intensity. auto
+    is resolved here, in dcfg itself, so SliceDataset and the run's config.yaml (resume compares it) get the mode."""
+    _check_intensity(dcfg)
+    cases, names = read_cases(dcfg, cache_dir)
+    dcfg['intensity'], intensity = resolve_intensity(dcfg['intensity'], cases, names)
+    return cases, {**validate(cases, names, dcfg, task), 'intensity': intensity}
 
 
 def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
@@ -435,7 +475,7 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
         flat = [c.image for c in cases if not is_nifti(c.image)]
         if flat:
             raise DataError(f'{flat[0]}: data.intensity window expects CT in Hounsfield units (NIfTI), not a 2D '
-                            f'image file or MedMNIST array; set data.intensity: percentile (or none)')
+                            f'image file or MedMNIST array; set data.intensity: auto (the default), percentile or none')
     configured = dcfg.get('num_classes')
     seg_k = configured or (len(names['class_names']) if names['class_names'] else None)
     seen, top = set(), None  # mask values over all masks, and the mask holding the largest
@@ -615,6 +655,7 @@ class SliceDataset(torch.utils.data.Dataset):
         if task not in (None, 'classification', 'segmentation'):
             raise DataError(f'task: {task!r} is not one of None | classification | segmentation')
         _check_norm(dcfg, in_chans)
+        _check_intensity(dcfg, auto=False)
         self.cases, self.dcfg, self.size, self.in_chans = list(cases), dcfg, img_size, in_chans
         self.task, self.train, self.axis = task, train, dcfg['axis']
         self.files, self.ranges = _LRU(int(dcfg['cache_mb']) * 2 ** 20), {}   # decoded arrays; (lo, hi) per image

@@ -230,6 +230,7 @@ def main(args):
             for s in ('labelled', 'val', 'test')}
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
+    run.log(f"data.intensity {info['intensity']}")
     start = time.time()
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")

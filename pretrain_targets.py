@@ -109,10 +109,11 @@ def main(args):
     dino = pcfg['pretext'] == 'dino'
     if pcfg['decoder_warmup_steps'] and (dino or not pcfg['train_decoder']):
         raise engine.ConfigError('pretrain.decoder_warmup_steps: only for pretext mae with train_decoder: true')
-    cases, _ = data.prepare(dcfg, cfg['run']['cache_dir'])     # checked first: stage 0 can take minutes
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     run = engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth')   # the folder is made when training starts
+    run.log(f"data.intensity {info['intensity']}")
     train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
     arch = models.vit_kwargs(cfg['model'])
     size, chans = arch['img_size'], arch['in_chans']

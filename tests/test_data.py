@@ -56,7 +56,7 @@ def msd_tree(root, n=3, shape=(8, 8, 4)):
 
 def test_window_percentile_none_and_normalize(dcfg):
     hu = np.array([-1000, -160, 40, 240, 1000], np.int16)
-    lo, hi = data.intensity_range(hu, dcfg)  # window [-160, 240]
+    lo, hi = data.intensity_range(hu, dict(dcfg, intensity='window'))  # window [-160, 240]
     assert data.to_unit(torch.tensor(hu, dtype=torch.float32), lo, hi).tolist() == [0, 0, 0.5, 1, 1]
     ramp = np.arange(1001, dtype=np.float32)
     lo, hi = data.intensity_range(ramp, dict(dcfg, intensity='percentile', percentile=[0.5, 99.5]))
@@ -71,6 +71,38 @@ def test_window_percentile_none_and_normalize(dcfg):
     assert data.normalize(x[:1], [0.5], [0.25]).flatten().tolist() == [-2, 0, 2]
 
 
+def test_auto_intensity_is_chosen_from_the_data_in_prepare(tmp_path, dcfg):
+    assert dcfg['intensity'] == 'auto'                                         # the default
+
+    def resolved(**cfg):
+        cfg = dict(dcfg, **cfg)
+        line = data.prepare(cfg, tmp_path)[1]['intensity']
+        return cfg['intensity'], line                                          # resolved in the config itself
+    npz = str(medmnist_npz(tmp_path / 'm.npz')[0])
+    assert resolved(layout='medmnist', root=npz) == ('none', 'auto -> none (MedMNIST arrays)')
+    for cls in ('a', 'b'):
+        save_png(tmp_path / 'f' / cls / '0.png', np.full((8, 8), 100))
+    folder = str(tmp_path / 'f')
+    assert resolved(layout='folder', root=folder) == ('percentile', 'auto -> percentile (2D image files)')
+    root = msd_tree(tmp_path / 'T')                                            # NIfTI, no modality in dataset.json
+    assert resolved(layout='msd', root=str(root)) == ('window', 'auto -> window (NIfTI volumes, read as CT)')
+    labels = json.loads((root / 'dataset.json').read_text())
+    for key, name, mode in (('modality', 'CT', 'window'), ('modality', 'MRI', 'percentile'),
+                            ('channel_names', 'T2', 'percentile')):            # MSD, MSD, nnU-Net v2
+        (root / 'dataset.json').write_text(json.dumps({**labels, key: {'0': name}}))
+        assert resolved(layout='msd', root=str(root)) == (mode, f'auto -> {mode} (NIfTI volumes, dataset.json '
+                                                                f'modality {name})')
+    assert resolved(layout='msd', root=str(root), intensity='window') == ('window', 'window')   # explicit: as set
+    bad(dcfg, r'm.npz/train_images/0: data.intensity window expects CT', layout='medmnist', root=npz,
+        intensity='window')
+    bad(dcfg, r'f/a/0.png: data.intensity window expects CT', layout='folder', root=folder, intensity='window')
+    bad(dcfg, r'data.percentile: ', layout='msd', root='/nonexistent', percentile=[99, 1])  # auto: both pairs
+    with pytest.raises(DataError, match=r"data.intensity: 'auto' is not one of window \| percentile \| none "
+                                        r"\(prepare resolves auto"):
+        data.SliceDataset(data.read_cases(dict(dcfg, layout='folder', root=folder), tmp_path)[0], dcfg, 8, 1, None,
+                          train=False)
+
+
 # ---------------------------------------------------------------------------------------------------- slicing
 
 def test_slicing_along_each_axis_after_canonical(tmp_path, dcfg):
@@ -81,7 +113,7 @@ def test_slicing_along_each_axis_after_canonical(tmp_path, dcfg):
     path = save_nifti(tmp_path / 'v.nii.gz', canonical[::-1, ::-1], lps)  # stored flipped in x and y
     case = Case('v', path, None, None)
     assert np.allclose(data.load(path)[1], np.eye(4))                   # canonical affine
-    dcfg.update(window=[0, 1000], mean=[0.0], std=[1.0])
+    dcfg.update(intensity='window', window=[0, 1000], mean=[0.0], std=[1.0])
     for axis in (0, 1, 2):
         ds = data.SliceDataset([case], dict(dcfg, axis=axis), img_size=6, in_chans=1, task=None, train=False)
         assert len(ds) == 6 and [ds[s]['slice'] for s in range(6)] == list(range(6))
@@ -97,6 +129,7 @@ def test_slice_dataset_items_order_and_skip_empty(tmp_path, dcfg):
     mask = (vol > 0).astype(np.uint8)
     cases = [Case(f'c{n}', save_nifti(tmp_path / f'c{n}.nii.gz', vol), save_nifti(tmp_path / f'm{n}.nii.gz', mask),
                   n % 2) for n in range(2)]
+    dcfg['intensity'] = 'window'                                  # as prepare resolves auto for these NIfTI files
     stage1 = data.SliceDataset(cases, dcfg, 8, 1, None, train=True)
     assert len(stage1) == 6 and stage1.skipped == 4
     seg = data.SliceDataset(cases, dcfg, 8, 3, 'segmentation', train=False)
@@ -148,8 +181,8 @@ def test_augmented_segmentation_items_line_up(tmp_path, dcfg):
     mask[10:15, 2:7] = 2
     case = Case('c', save_nifti(tmp_path / 'i.nii.gz', mask.astype(np.int16) * 500),
                 save_nifti(tmp_path / 'm.nii.gz', mask), None)
-    dcfg.update(window=[0, 1000], mean=[0.0], std=[1.0], augment=dict(crop_scale=[0.5, 1], hflip=0.5, vflip=0.5,
-                                                                        rotate=30))
+    dcfg.update(intensity='window', window=[0, 1000], mean=[0.0], std=[1.0],
+                augment=dict(crop_scale=[0.5, 1], hflip=0.5, vflip=0.5, rotate=30))
     ds = data.SliceDataset([case], dcfg, 16, 1, 'segmentation', train=True)
     torch.manual_seed(1)
     for n in range(9):
@@ -203,7 +236,8 @@ def test_msd_layout_with_nnunet_names_and_junk(tmp_path, dcfg):
     (root / 'imagesTr' / '._c1.nii.gz').write_bytes(b'\0\5\26\7')  # macOS resource file as in the MSD archives
     cases, info = data.prepare(dict(dcfg, layout='msd', root=str(root)), tmp_path)
     assert [c.id for c in cases] == ['c0', 'c1', 'c2']
-    assert info == {'num_classes_seg': 2, 'num_classes_cls': None}       # from dataset.json's two labels
+    assert info == {'num_classes_seg': 2, 'num_classes_cls': None,       # from dataset.json's two labels
+                    'intensity': 'auto -> window (NIfTI volumes, read as CT)'}
 
 
 def test_csv_layout_names_labels_and_png(tmp_path, dcfg):
@@ -244,9 +278,10 @@ def medmnist_npz(path, counts=(6, 4, 4), shape=(28, 28), classes=3, seed=0, **ar
 
 def test_medmnist_2d_uses_the_files_splits_and_memory(tmp_path, dcfg):
     path, npz = medmnist_npz(tmp_path / 'pneumoniamnist.npz')
-    dcfg.update(layout='medmnist', root=str(path), intensity='none', mean=[0.0], std=[1.0], label_fraction=0.5)
+    dcfg.update(layout='medmnist', root=str(path), mean=[0.0], std=[1.0], label_fraction=0.5)   # intensity auto
     cases, info = data.prepare(dcfg, tmp_path)
-    assert info == {'num_classes_seg': None, 'num_classes_cls': 3} and len(cases) == 14
+    assert info == {'num_classes_seg': None, 'num_classes_cls': 3, 'intensity': 'auto -> none (MedMNIST arrays)'}
+    assert len(cases) == 14
     assert list(tmp_path.iterdir()) == [path]                                  # nothing written: read from memory
     splits = data.split_cases(cases, dcfg)
     assert [len(splits[s]) for s in ('train', 'val', 'test', 'labelled')] == [6, 4, 4, 3]   # label_fraction on train
@@ -353,7 +388,7 @@ def test_bad_2d_inputs(tmp_path, dcfg):
     bad(dcfg, r'a/y.png: no mask', layout='folder', root=str(tmp_path), intensity='none')
     save_png(tmp_path / 'a' / 'y_mask.png', np.zeros((8, 8)))
     bad(dcfg, r'a/x_mask.png: mask shape \(8, 9\) differs', layout='folder', root=str(tmp_path), intensity='none')
-    bad(dcfg, r'a/x.png: data.intensity window expects CT', layout='folder', root=str(tmp_path))
+    bad(dcfg, r'a/x.png: data.intensity window expects CT', layout='folder', root=str(tmp_path), intensity='window')
     save_png(tmp_path / 'a' / 'z_mask.png', np.zeros((8, 8)))
     bad(dcfg, r'a/z_mask.png: mask without an image', layout='folder', root=str(tmp_path), intensity='none')
     (tmp_path / 'b').mkdir()

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import data
 import engine
@@ -192,7 +193,7 @@ def test_prompt_tuning_alone_through_both_stages(tmp_path, cache):
         finetune.main(args(cfg, *vpt, 'peft.prompt.deep=true', 'finetune.name=deep'))
 
 
-def test_medmnist_file_through_both_stages(tmp_path, cache):
+def test_medmnist_file_through_both_stages_at_the_default_intensity(tmp_path, cache):
     rng = np.random.default_rng(0)
     npz = {}
     for split, n in (('train', 64), ('val', 8), ('test', 8)):
@@ -202,11 +203,14 @@ def test_medmnist_file_through_both_stages(tmp_path, cache):
         npz.update({f'{split}_images': images, f'{split}_labels': labels[:, None].astype(np.uint8)})
     np.savez(tmp_path / 'breastmnist.npz', **npz)
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
-    medmnist = ['data.layout=medmnist', f'data.root={tmp_path / "breastmnist.npz"}', 'data.intensity=none']
-    pretrain_targets.main(args(cfg, *medmnist))
+    medmnist = ['data.layout=medmnist', f'data.root={tmp_path / "breastmnist.npz"}']   # data.intensity: auto
+    targets = pretrain_targets.main(args(cfg, *medmnist))
     run_dir = finetune.main(args(cfg, *medmnist, 'finetune.task=classification', 'data.label_fraction=0.5'))
-    assert 'classification: 32 labelled training cases (32 slices, label_fraction 0.5), 8 val, 8 test' in \
-        (run_dir / 'log.txt').read_text()                                       # the file's own splits
+    log = (run_dir / 'log.txt').read_text()
+    assert 'classification: 32 labelled training cases (32 slices, label_fraction 0.5), 8 val, 8 test' in log
+    for folder in (targets.parent, run_dir):                                    # (above: the file's own splits)
+        assert 'data.intensity auto -> none (MedMNIST arrays)\n' in (folder / 'log.txt').read_text()
+        assert yaml.safe_load((folder / 'config.yaml').read_text())['data']['intensity'] == 'none'   # as used
     metrics = json.loads((run_dir / 'metrics.json').read_text())
     assert metrics['test']['majority_floor'] == 0.5 and 0 <= metrics['test']['auc'] <= 1
 

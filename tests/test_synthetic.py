@@ -61,7 +61,8 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
     monkeypatch.setattr(synthetic, 'SYNTH_CT', dict(n_cases=4, shape=(24, 24, 6), spacing=(14.4, 14.4, 20.0)))
     cases, info = data.prepare(dcfg, tmp_path)
     assert len(cases) == 4 and all(c.mask and c.label is not None for c in cases)
-    assert info == {'num_classes_seg': len(synthetic.CT_CLASSES), 'num_classes_cls': len(synthetic.CT_KINDS)}
+    assert info == {'num_classes_seg': len(synthetic.CT_CLASSES), 'num_classes_cls': len(synthetic.CT_KINDS),
+                    'intensity': 'auto -> window (NIfTI volumes, dataset.json modality CT)'}
     (folder,) = list(tmp_path.iterdir())  # no temporary folder left beside it
     assert folder.name == 'synthetic_ct-v1-seed0-n_cases4-shape24x24x6-spacing14.4x14.4x20.0'
     stamp = (folder / 'manifest.csv').stat().st_mtime_ns
@@ -69,9 +70,10 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
     assert (folder / 'manifest.csv').stat().st_mtime_ns == stamp  # reused, not regenerated
 
     monkeypatch.setattr(synthetic, 'SYNTH_US', dict(n_per_class=2, size=32))
-    dcfg.update(layout='synthetic_us', intensity='percentile')
+    dcfg.update(layout='synthetic_us', intensity='auto')
     cases, info = data.prepare(dcfg, tmp_path)
-    assert len(cases) == 6 and info == {'num_classes_seg': 2, 'num_classes_cls': len(synthetic.US_CLASSES)}
+    assert len(cases) == 6 and info == {'num_classes_seg': 2, 'num_classes_cls': len(synthetic.US_CLASSES),
+                                        'intensity': 'auto -> percentile (2D image files)'}
     assert [c.label for c in cases] == [0, 0, 1, 1, 2, 2] and cases[0].id.startswith(synthetic.US_CLASSES[0])
 
 

@@ -48,6 +48,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules, from any folder
+import data  # noqa: E402
 import engine  # noqa: E402
 import finetune  # noqa: E402
 import pretrain_backbone  # noqa: E402
@@ -265,6 +266,9 @@ def execute(run, config, sets, verbose, keep=False):
     done = folder / ('targets.pth' if run['stage'] == 1 else 'metrics.json')
     failed = folder / 'failed.json'
     cfg = engine.load_config(config, sets)
+    dcfg = cfg['data']
+    if dcfg['intensity'] == 'auto':   # resolved as the stage resolves it: its config.yaml holds the mode used
+        dcfg['intensity'] = data.resolve_intensity('auto', *data.read_cases(dcfg, cfg['run']['cache_dir']))[0]
     if done.is_file() or failed.is_file():
         saved = yaml.safe_load((folder / 'config.yaml').read_text())
         ignore = 'finetune' if run['stage'] == 1 else 'pretrain'   # what the stage does not read
