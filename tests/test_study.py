@@ -23,8 +23,8 @@ def quick(tmp_path_factory, cache):
     return tmp, argv, out
 
 
-def read_rows(out):
-    with open(out / 'runs.csv') as f:
+def read_rows(out, name='runs.csv'):
+    with open(out / name) as f:
         return list(csv.DictReader(f))
 
 
@@ -106,7 +106,7 @@ def test_tune_picks_the_best_validation_lr(tmp_path, cache):
     out = tmp_path / 'tune'
     lrs = study.main(study.parse_args(['--config', str(path), '--quick', '--tune', '--out', str(out), '--pairs',
                                        'us:classification', '--set', 'finetune.epochs=1']))
-    rows = read_rows(out)
+    rows = read_rows(out, 'tune.csv')
     assert {float(r['lr']) for r in rows} == set(study.TUNE['peft']) | set(study.TUNE['full'])
     assert all(r['seed'] == str(study.TUNE['seed']) for r in rows)
     for kind, init in (('peft', 'random'), ('full', 'full')):

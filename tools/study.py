@@ -94,7 +94,9 @@ MATRIX = {
                    ('us', 0.1): ['finetune.epochs=40', 'finetune.batch_size=8'],    # 18 images: 80 steps
                    ('us', 1.0): ['finetune.epochs=12'],                            # 180 images: 60 steps
                    ('config', 0.1): [], ('config', 1.0): []},
-        'lr': {},                # (data set, fraction) -> {'peft': lr, 'full': lr}, filled from --tune's choice
+        # (data set, fraction) -> lr of the PEFT and head-only runs / of full fine-tuning: --tune's choice on validation
+        'lr': {('ct', 0.1): {'peft': 3e-2, 'full': 3e-2}, ('ct', 1.0): {'peft': 3e-2, 'full': 3e-2},
+               ('us', 0.1): {'peft': 1e-2, 'full': 1e-3}, ('us', 1.0): {'peft': 1e-2, 'full': 3e-3}},
     },
     'quick': {                   # smoke test: every code path, few runs; sizes still come from the config
         'pairs': [('ct', 'segmentation'), ('us', 'classification')],
@@ -108,7 +110,7 @@ MATRIX = {
         'lr': {},
     },
 }
-TUNE = {'seed': 100, 'peft': [3e-4, 1e-3, 3e-3], 'full': [1e-4, 3e-4, 1e-3]}   # --tune: seed outside the study's
+TUNE = {'seed': 100, 'peft': [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], 'full': [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}   # a seed outside the study's
 CONVERGED = 0.95                 # convergence: first epoch whose validation metric reaches 95% of the run's best
 SHORT = {'classification': 'cls', 'segmentation': 'seg'}
 
