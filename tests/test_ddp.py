@@ -90,7 +90,8 @@ def comparable_training(dump):
             loss_fn = fixed_noise_mae_loss(run.cfg['pretrain']['mask_ratio'], model.patch_embed.num_patches)
         seen['model'] = model
         result = train(run, model, loader, loss_fn, ocfg, **kw)
-        torch.save({'state': engine.trainable_state(model), 'targets': lora.target_state_dict(model),
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({'state': engine.trainable_state(model, trained), 'targets': lora.target_state_dict(model),
                     'grads': seen['grads'], 'history': result['history']}, f'{dump}-rank{run.rank}.pt')
         return result
 

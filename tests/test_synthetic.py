@@ -64,7 +64,8 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
     assert info == {'num_classes_seg': len(synthetic.CT_CLASSES), 'num_classes_cls': len(synthetic.CT_KINDS),
                     'intensity': 'auto -> window (NIfTI volumes, dataset.json modality CT)'}
     (folder,) = list(tmp_path.iterdir())  # no temporary folder left beside it
-    assert folder.name == 'synthetic_ct-v1-seed0-n_cases4-shape24x24x6-spacing14.4x14.4x20.0'
+    assert folder.name == (f'synthetic_ct-v{synthetic.GENERATOR_VERSION}-seed0-n_cases4-shape24x24x6-'
+                           'spacing14.4x14.4x20.0')
     stamp = (folder / 'manifest.csv').stat().st_mtime_ns
     data.prepare(dcfg, tmp_path)
     assert (folder / 'manifest.csv').stat().st_mtime_ns == stamp  # reused, not regenerated

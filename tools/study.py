@@ -451,11 +451,12 @@ def design(cells_, m):
                 **{k: best.get(k) for k in ('mean', 'paired_diff_mean', 'paired_diff_ci95', 'wins', 'paired_n')}}
         for c in find(cells_, data=d, task=task, init='random'):      # no collapsed random-init PEFT run
             health.append({'criterion': f"random {c['method']} at {c['labels']:.0%} labels: no collapsed run",
-                           'value': c['collapsed'], 'holds': c['collapsed'] == 0})
+                           'data': d, 'value': c['collapsed'], 'holds': c['collapsed'] == 0})
             if task == 'segmentation' and c['labels'] == 1.0:
                 worst = min(c['worst_class'], default=float('nan'))
                 health.append({'criterion': f"random {c['method']} at 100% labels: every foreground class Dice > "
-                               f"{HEALTH['dice']} in every run", 'value': worst, 'holds': worst > HEALTH['dice']})
+                               f"{HEALTH['dice']} in every run", 'data': d, 'value': worst,
+                               'holds': worst > HEALTH['dice']})
         for lo, fu in zip(find(cells_, data=d, task=task, labels=1.0, method='lora', init='random'),
                           find(cells_, data=d, task=task, labels=1.0, init='full')):
             gap = fu['mean'] - lo['mean']
@@ -516,7 +517,7 @@ def write_markdown(summary, path, header):
                      f"{mean_std(c['values'])} | {mean_std(c['worst_class'])} | {c['collapsed']}/{len(c['values'])} | "
                      f"{conv} / {c['epochs']} | {auc} | {_diff(c)} |")
     lines += ['', '### Health of the baselines', '', '| criterion | value | holds |', '|---|---|---|']
-    lines += [f"| {h.get('data', '')} {h['criterion']} | {h['value']:.3f} | {'yes' if h['holds'] else 'NO'} |"
+    lines += [f"| {h['data']}: {h['criterion']} | {h['value']:.3f} | {'yes' if h['holds'] else 'NO'} |"
               for h in dsg['health']]
     Path(path).write_text('\n'.join(lines) + '\n')
 
