@@ -23,6 +23,11 @@ import models
 from pretrain_backbone import load_checkpoint, resolve, train_mae
 
 
+def trainable_decoder(model):
+    """The MAE decoder's parameters that require grad (its fixed pos_embed never does)."""
+    return [p for n, p in model.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
+
+
 def insert_targets(model, cfg):
     """Insert the targets into the encoder and freeze everything else explicitly: only the targets and the pretext
     head (the DINO head; the MAE decoder with pretrain.train_decoder) train. Returns lora.mark_trainable's counts."""
@@ -30,8 +35,7 @@ def insert_targets(model, cfg):
         lora.inject(model.backbone, cfg['peft'])
         return lora.mark_trainable(model, extra=model.head.parameters())
     lora.inject(model, cfg['peft'])
-    decoder = [p for n, p in model.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
-    return lora.mark_trainable(model, extra=decoder if cfg['pretrain']['train_decoder'] else ())
+    return lora.mark_trainable(model, extra=trainable_decoder(model) if cfg['pretrain']['train_decoder'] else ())
 
 
 class SelfDistillation(torch.nn.Module):
@@ -132,8 +136,8 @@ def main(args):
             f'{len(dataset)} training slices from {len(train_cases)} cases')
 
     # --- TPP: the pretext task on the downstream images
-    decoder = [p for n, p in model.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
-    warm = (pcfg['decoder_warmup_steps'], decoder) if pcfg['decoder_warmup_steps'] else None  # then only targets adapt
+    warm = pcfg['decoder_warmup_steps']          # the decoder trains for these steps, then only the targets adapt
+    warm = (warm, trainable_decoder(model)) if warm else None
     result = train_dino(run, model, dataset, cfg) if dino else train_mae(run, model, dataset, pcfg, 'pretrain', warm)
     pretext = {'name': 'dino', **cfg['dino']} if dino else {'name': 'mae', 'mask_ratio': pcfg['mask_ratio'],
                'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder'],
