@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import synthetic
+from config import UserError
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 INTENSITIES = ('window', 'percentile', 'none')   # prepare resolves data.intensity auto to one (resolve_intensity)
@@ -39,7 +40,7 @@ BODY_LEVEL = 0.05          # a pixel above this (after scaling to [0, 1]) counts
 SPLITS = ('train', 'val', 'test')
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data or data config. The message names the file (or config key) and the problem."""
 
 

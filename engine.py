@@ -1,11 +1,11 @@
-"""Run plumbing shared by both stages (and the backbone bootstrap): config, run folders, device and AMP, seeding,
+"""Run plumbing shared by both stages (and the backbone bootstrap): the command line, run folders, device and AMP, seeding,
 data loaders, AdamW with warm-up + cosine, the one training loop, atomic checkpoints and exact resume, progress lines,
 TensorBoard and torchrun. Nothing here knows about TPP; the two stage scripts hold the method."""
 import argparse
-import copy
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,19 +15,19 @@ import torch
 import torch.distributed as dist
 import yaml
 
-REFERENCE_CONFIG = Path(__file__).with_name('config.yaml')   # documents, and gives a default for, every key
+from config import ConfigError, UserError, read_yaml
 
 
-class ConfigError(ValueError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class RunFolderError(UserError):
+    """A run folder that cannot be used as asked (finished, missing, taken, damaged); the message says the way out."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config: the reference config.yaml is the schema; a user file and --set overrides may only change its keys
+# The command line of every entry point
 
 def parse_args(description):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,78 +37,17 @@ def parse_args(description):
     return p.parse_args()
 
 
-def _read_yaml(path):
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f'config file {path} does not exist')
-    return _parse_yaml(path.read_text(), path) or {}
-
-
-def _parse_yaml(text, source):
+def cli(main, description):
+    """Run an entry point's main(args). A UserError is one `error: ...` line on stderr and exit status 2, with no
+    traceback (TPP_DEBUG=1 shows it); any other exception is a bug and keeps its traceback."""
+    args = parse_args(description)
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f'{source}: not valid YAML: {e}') from None
-
-
-# Numbers a run cannot start with: budgets and rates must be finite and > 0, the rest >= 0 (0: none). Never null.
-_TRAINING = ('backbone.bootstrap', 'pretrain', 'finetune')
-_POSITIVE = {'run.log_every', 'backbone.bootstrap.images', 'peft.adapter.dim',
-             *(f'{s}.{k}' for s in _TRAINING for k in ('epochs', 'batch_size', 'lr'))}
-_NON_NEGATIVE = {'run.workers', 'peft.lora.r', 'pretrain.decoder_warmup_steps',
-                 *(f'{s}.{k}' for s in _TRAINING for k in ('weight_decay', 'warmup_epochs'))}
-
-
-def _check_number(key, value, source):
-    if key in _POSITIVE or key in _NON_NEGATIVE:
-        if value is None or not math.isfinite(value) or value < 0 or (value == 0 and key in _POSITIVE):
-            raise ConfigError(f"{source}: {key} must be a finite number {'> 0' if key in _POSITIVE else '>= 0'}, "
-                              f"got {value}")
-
-
-def _coerce(value, ref, where):
-    """Check a value against the reference value's type. YAML reads 1e-3 as a string, so numbers are accepted for
-    float keys; null is accepted everywhere (it means 'default' or 'off' for the keys that allow it)."""
-    if value is None or ref is None:
-        return value
-    if isinstance(ref, float) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    elif isinstance(ref, bool) == isinstance(value, bool) and isinstance(value, type(ref)):
-        return value
-    raise ConfigError(f'{where}: expected {type(ref).__name__} like {ref!r}, got {value!r}')
-
-
-def _merge(ref, new, source, prefix=''):
-    if not isinstance(new, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys")
-    out = copy.deepcopy(ref)
-    for key, value in new.items():
-        where = prefix + str(key)
-        if key not in ref:
-            raise ConfigError(f"{source}: unknown key '{where}' (keys here: {', '.join(ref)})")
-        if isinstance(ref[key], dict):
-            out[key] = _merge(ref[key], value, source, where + '.')
-        else:
-            out[key] = _coerce(value, ref[key], f'{source}: {where}')
-            _check_number(where, out[key], source)
-    return out
-
-
-def load_config(path, overrides=()):
-    """The effective config: the reference config.yaml, then the user's file, then each --set KEY=VALUE."""
-    cfg = _merge(_read_yaml(REFERENCE_CONFIG), _read_yaml(path), str(path))
-    for item in overrides:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ConfigError(f'--set {item}: expected KEY=VALUE, for example --set pretrain.lr=1e-3')
-        nested = _parse_yaml(value, f'--set {item}')
-        for part in reversed(key.split('.')):
-            nested = {part: nested}
-        cfg = _merge(cfg, nested, f'--set {item}')
-    return cfg
+        return main(args)
+    except UserError as e:
+        if os.environ.get('TPP_DEBUG') == '1':
+            raise
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -133,15 +72,15 @@ class Run:
         self.dir = Path(cfg['run']['out_dir']) / name
         self.checkpoint = self.dir / 'checkpoint.pth'
         if result and (self.dir / result).is_file():
-            raise FileExistsError(f'{self.dir} is a finished run ({result} written) and runs are never overwritten: '
+            raise RunFolderError(f'{self.dir} is a finished run ({result} written) and runs are never overwritten: '
                                   f'choose another name (--set <stage>.name=...) or delete it')
         if resume and not self.checkpoint.is_file():
-            raise FileNotFoundError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
+            raise RunFolderError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
         if not resume and self.checkpoint.is_file():
-            raise FileExistsError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
+            raise RunFolderError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
                                   f'it, choose another name (--set <stage>.name=...), or delete it')
         if resume:   # before anything is written: a changed setting would silently mix two runs
-            saved = _read_yaml(self.dir / 'config.yaml')
+            saved = read_yaml(self.dir / 'config.yaml')
             changed = [k for section in fixed for k in _changed(saved.get(section), cfg[section], section)]
             if changed:
                 raise ConfigError(f"--resume: {', '.join(changed)} differs from {self.dir / 'config.yaml'}: resume "
@@ -254,7 +193,7 @@ def make_loader(run, dataset, batch_size, train):
     """Training loaders shuffle from their own seeded generator (saved in checkpoints, so resume is exact) and drop
     the last partial batch; under torchrun a DistributedSampler gives each rank its share."""
     if train and len(dataset) < batch_size * run.world:
-        raise ValueError(f'only {len(dataset)} training images for a global batch of {batch_size * run.world}: '
+        raise ConfigError(f'only {len(dataset)} training images for a global batch of {batch_size * run.world}: '
                          f'lower the batch_size or use more data')
     sampler = None
     if run.world > 1:
@@ -346,7 +285,7 @@ def load_trainable_state(model, sd):
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}   # shared too
     wrong = sorted(set(missing) - frozen) + sorted(unexpected)
     if wrong:
-        raise KeyError(f'checkpoint does not fit the model: missing or unexpected {wrong[:6]}')
+        raise RunFolderError(f'checkpoint does not fit the model: missing or unexpected {wrong[:6]}')
 
 
 def _rng_state(loader, device):

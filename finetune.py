@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import save_image
 
+import config
 import data
 import engine
 import lora
@@ -145,7 +146,7 @@ def build_model(cfg, run, backbone_path, num_classes, init):
         try:
             meta = lora.load_targets(path, backbone, expected)
         except FileNotFoundError:
-            raise FileNotFoundError(f'finetune.targets: {path} does not exist: run pretrain_targets.py first '
+            raise config.ConfigError(f'finetune.targets: {path} does not exist: run pretrain_targets.py first '
                                     f'(or set finetune.init=random for plain PEFT)') from None
         run.log(f"targets: loaded {path} (pre-trained for {meta['steps']} steps, pretext {meta['pretext']})")
     model, counts = add_head(cfg, backbone, num_classes, init)
@@ -212,17 +213,17 @@ def save_predictions(run, model, loader, dcfg):
 
 
 def main(args):
-    cfg = engine.load_config(args.config, args.set)
+    cfg = config.load_config(args.config, args.set)
     fcfg, dcfg = cfg['finetune'], cfg['data']
     task, init = fcfg['task'], fcfg['init']
     if init not in INITS:
-        raise engine.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
+        raise config.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
     if task not in ('classification', 'segmentation'):
-        raise engine.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
+        raise config.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
-        raise engine.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
+        raise config.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
                                  f"{'labels' if task == 'classification' else 'masks'}")
     splits = data.split_cases(cases, dcfg)
     arch = models.vit_kwargs(cfg['model'])
@@ -268,4 +269,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(engine.parse_args(__doc__))
+    engine.cli(main, __doc__)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import ConfigError, UserError
 from models import is_decoder_key
 
 
@@ -30,7 +31,7 @@ class Target(nn.Module):
 UNREADABLE_FILE_ERRORS = (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError)
 
 
-class TargetMismatchError(ValueError):
+class TargetMismatchError(UserError, ValueError):
     """Saved targets do not fit this model (keys, shapes or the recorded backbone / PEFT settings)."""
 
 
@@ -179,7 +180,7 @@ def inject(model, peft):
             matched = [n for n in linears if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(n, '*.' + pattern)]
             if not matched:
                 kinds = sorted({n.split('.', 2)[2] for n in linears})
-                raise ValueError(f"peft.lora.layers: '{pattern}' matches no linear layer of the encoder blocks; "
+                raise ConfigError(f"peft.lora.layers: '{pattern}' matches no linear layer of the encoder blocks; "
                                  f"they are {', '.join(kinds)} (in blocks.0-{len(model.blocks) - 1})")
             for name in matched:
                 parent, attr = name.rsplit('.', 1)
@@ -190,7 +191,7 @@ def inject(model, peft):
                 added += 1
     if adapter['kind'] != 'none':
         if adapter['kind'] not in ('parallel', 'sequential'):
-            raise ValueError(f"peft.adapter.kind: '{adapter['kind']}' is not one of none, parallel, sequential")
+            raise ConfigError(f"peft.adapter.kind: '{adapter['kind']}' is not one of none, parallel, sequential")
         for blk in model.blocks:
             dim = blk.norm1.normalized_shape[0]
             make = lambda: Adapter(dim, adapter['dim'], adapter['scale'], adapter['kind']).to(blk.norm1.weight.device)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import engine
 import lora
@@ -72,7 +73,7 @@ def resolve(cfg):
     if cfg['backbone']['checkpoint']:
         path = Path(cfg['backbone']['checkpoint'])
         if not path.is_file():
-            raise FileNotFoundError(f'backbone.checkpoint: {path} does not exist')
+            raise config.ConfigError(f'backbone.checkpoint: {path} does not exist')
         return path
     path, recipe = default_path(cfg)
     if not path.is_file():
@@ -102,7 +103,7 @@ def pretrain(cfg, path, recipe):
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading real checkpoints (official MAE, timm, tpp) into the model of models.py
 
-class CheckpointError(ValueError):
+class CheckpointError(config.UserError, ValueError):
     """A checkpoint that does not fit the model; the message names the key and the shapes."""
 
 
@@ -245,11 +246,11 @@ def load_checkpoint(model, ckpt, need_decoder=False):
 
 
 def main(args):
-    cfg = engine.load_config(args.config, args.set)
+    cfg = config.load_config(args.config, args.set)
     path = resolve(cfg)
     print(f'backbone: {path}', flush=True)
     return path
 
 
 if __name__ == '__main__':
-    main(engine.parse_args(__doc__))
+    engine.cli(main, __doc__)

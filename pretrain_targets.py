@@ -16,6 +16,7 @@ import copy
 import torch
 from torchvision.utils import make_grid, save_image
 
+import config
 import data
 import engine
 import lora
@@ -106,13 +107,13 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
 
 
 def main(args):
-    cfg = engine.load_config(args.config, args.set)
+    cfg = config.load_config(args.config, args.set)
     pcfg, dcfg = cfg['pretrain'], cfg['data']
     if pcfg['pretext'] not in ('mae', 'dino') or cfg['dino']['views'] < 2:
-        raise engine.ConfigError(f"pretrain.pretext: {pcfg['pretext']!r} must be mae or dino (dino: dino.views >= 2)")
+        raise config.ConfigError(f"pretrain.pretext: {pcfg['pretext']!r} must be mae or dino (dino: dino.views >= 2)")
     dino = pcfg['pretext'] == 'dino'
     if pcfg['decoder_warmup_steps'] and (dino or not pcfg['train_decoder']):
-        raise engine.ConfigError('pretrain.decoder_warmup_steps: only for pretext mae with train_decoder: true')
+        raise config.ConfigError('pretrain.decoder_warmup_steps: only for pretext mae with train_decoder: true')
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
@@ -163,4 +164,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(engine.parse_args(__doc__))
+    engine.cli(main, __doc__)

@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from config import load_config
 import engine
 import finetune
 import lora
@@ -101,7 +102,7 @@ def comparable_training(dump):
 
 
 def run_stages(config, out, world, stages=STAGES):
-    runs = engine.load_config(config)['run']['out_dir']
+    runs = load_config(config)['run']['out_dir']
     for stage in stages:
         with comparable_training(f'{out}/{stage}-{world}proc'):
             script = pretrain_targets if stage == 'pretrain' else finetune
@@ -154,7 +155,7 @@ def test_every_rank_ends_with_the_same_state(two_ranks, stage):
     r0, r1 = load(out, stage, 2, 0), load(out, stage, 2, 1)
     assert_equal(r0['grads'], r1['grads'])
     assert_equal(r0['state'], r1['state'])   # targets, heads, decoder, and BatchNorm statistics (segmentation)
-    runs = Path(engine.load_config(config)['run']['out_dir'])
+    runs = Path(load_config(config)['run']['out_dir'])
     if stage == 'pretrain':
         saved = torch.load(runs / 'pretrain-2proc' / 'targets.pth', weights_only=True)['targets']
         assert_equal(saved, r0['targets'])
@@ -181,7 +182,7 @@ def test_two_ranks_step_as_one_process_on_the_global_batch(two_ranks, stage):
 def test_evaluation_over_ranks_equals_one_process(two_ranks, stage, tmp_path):
     """Test metrics (Dice per volume, AUC over cases) of the torchrun run == one process evaluating its best.pth."""
     config, out, _ = two_ranks
-    runs = Path(engine.load_config(config)['run']['out_dir'])
+    runs = Path(load_config(config)['run']['out_dir'])
     best = runs / f'{stage}-2proc' / 'best.pth'
 
     def reuse_best(run, *a, **k):                       # no training: evaluate the torchrun run's checkpoint
@@ -199,7 +200,7 @@ def test_evaluation_over_ranks_equals_one_process(two_ranks, stage, tmp_path):
 
 def test_rank0_alone_writes_the_run(two_ranks):
     config, _, stdout = two_ranks
-    runs = Path(engine.load_config(config)['run']['out_dir'])
+    runs = Path(load_config(config)['run']['out_dir'])
     log = (runs / 'pretrain-2proc' / 'log.txt').read_text()
     assert 'processes 2' in log and log.count('run folder') == 1
     assert stdout.count('run folder') == 1 + len(STAGES)       # bootstrap + each stage, printed once (rank 0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+import config
 import engine
 
 
@@ -17,8 +18,8 @@ def write(tmp_path, cfg, name='cfg.yaml'):
 
 
 def test_partial_user_config_gets_reference_defaults(tmp_path):
-    cfg = engine.load_config(write(tmp_path, {'pretrain': {'epochs': 3}}))
-    reference = engine.load_config(engine.REFERENCE_CONFIG)
+    cfg = config.load_config(write(tmp_path, {'pretrain': {'epochs': 3}}))
+    reference = config.load_config(config.REFERENCE_CONFIG)
     assert cfg['pretrain']['epochs'] == 3
     assert cfg['finetune'] == reference['finetune']
 
@@ -33,26 +34,26 @@ def test_partial_user_config_gets_reference_defaults(tmp_path):
 ])
 def test_bad_config_names_file_and_key(tmp_path, bad, message):
     path = write(tmp_path, bad)
-    with pytest.raises(engine.ConfigError, match=message) as err:
-        engine.load_config(path)
+    with pytest.raises(config.ConfigError, match=message) as err:
+        config.load_config(path)
     assert str(path) in str(err.value)
 
 
 def test_set_overrides_parse_yaml_and_are_checked():
-    cfg = engine.load_config(engine.REFERENCE_CONFIG, ['pretrain.lr=1e-3', 'peft.lora.layers=[qkv, fc1]',
+    cfg = config.load_config(config.REFERENCE_CONFIG, ['pretrain.lr=1e-3', 'peft.lora.layers=[qkv, fc1]',
                                                        'backbone.checkpoint=/x/mae.pth', 'finetune.init=random'])
     assert cfg['pretrain']['lr'] == 1e-3                       # YAML reads 1e-3 as a string; float keys accept it
     assert cfg['peft']['lora']['layers'] == ['qkv', 'fc1']
     assert cfg['backbone']['checkpoint'] == '/x/mae.pth'
-    with pytest.raises(engine.ConfigError, match=r"--set pretrain.lrr=1: unknown key 'pretrain.lrr'"):
-        engine.load_config(engine.REFERENCE_CONFIG, ['pretrain.lrr=1'])
-    with pytest.raises(engine.ConfigError, match='expected KEY=VALUE'):
-        engine.load_config(engine.REFERENCE_CONFIG, ['pretrain.lr'])
+    with pytest.raises(config.ConfigError, match=r"--set pretrain.lrr=1: unknown key 'pretrain.lrr'"):
+        config.load_config(config.REFERENCE_CONFIG, ['pretrain.lrr=1'])
+    with pytest.raises(config.ConfigError, match='expected KEY=VALUE'):
+        config.load_config(config.REFERENCE_CONFIG, ['pretrain.lr'])
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(engine.ConfigError, match='nope.yaml does not exist'):
-        engine.load_config(tmp_path / 'nope.yaml')
+    with pytest.raises(config.ConfigError, match='nope.yaml does not exist'):
+        config.load_config(tmp_path / 'nope.yaml')
 
 
 def test_lr_warmup_then_cosine():
@@ -77,7 +78,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def tiny_run(tmp_path, name='run', resume=False, **run):
-    cfg = engine.load_config(engine.REFERENCE_CONFIG, [f'run.out_dir={tmp_path}', 'run.log_every=1'] +
+    cfg = config.load_config(config.REFERENCE_CONFIG, [f'run.out_dir={tmp_path}', 'run.log_every=1'] +
                              [f'run.{k}={v}' for k, v in run.items()])
     return engine.Run(cfg, name, resume)
 
@@ -90,13 +91,13 @@ def test_run_folder_is_made_when_training_starts_and_never_overwritten(tmp_path)
     run.close()
     tiny_run(tmp_path).close()                 # no checkpoint yet (stopped before its first epoch ended): reused
     (run.dir / 'checkpoint.pth').write_bytes(b'')
-    with pytest.raises(FileExistsError, match='never overwritten.*--resume'):
+    with pytest.raises(engine.RunFolderError, match='never overwritten.*--resume'):
         tiny_run(tmp_path)
-    with pytest.raises(FileNotFoundError, match='nothing to resume'):
+    with pytest.raises(engine.RunFolderError, match="nothing to resume"):
         tiny_run(tmp_path, name='other', resume=True)
     (run.dir / 'targets.pth').write_bytes(b'')                       # the file a finished run writes last
     for resume in (False, True):
-        with pytest.raises(FileExistsError, match='finished'):
+        with pytest.raises(engine.RunFolderError, match='finished'):
             engine.Run(run.cfg, 'run', resume, result='targets.pth')
 
 
@@ -106,8 +107,8 @@ def test_resume_refuses_changed_settings_before_writing_anything(tmp_path):
     (run.dir / 'checkpoint.pth').write_bytes(b'')
     saved = (run.dir / 'config.yaml').read_bytes()
     for key, value in [('peft.lora.r', 4), ('data.layout', 'msd'), ('model.depth', 3), ('backbone.checkpoint', 'x')]:
-        cfg = engine.load_config(engine.REFERENCE_CONFIG, [f'run.out_dir={tmp_path}', f'{key}={value}'])
-        with pytest.raises(engine.ConfigError, match=rf'--resume: {key} differs'):
+        cfg = config.load_config(config.REFERENCE_CONFIG, [f'run.out_dir={tmp_path}', f'{key}={value}'])
+        with pytest.raises(config.ConfigError, match=rf'--resume: {key} differs'):
             engine.Run(cfg, 'run', resume=True)
     assert (run.dir / 'config.yaml').read_bytes() == saved
 
@@ -115,10 +116,10 @@ def test_resume_refuses_changed_settings_before_writing_anything(tmp_path):
 def test_config_yaml_syntax_errors_name_the_file_or_override(tmp_path):
     path = tmp_path / 'bad.yaml'
     path.write_text('pretrain:\n  lr: [1e-3\n')
-    with pytest.raises(engine.ConfigError, match=rf'{path}: not valid YAML'):
-        engine.load_config(path)
-    with pytest.raises(engine.ConfigError, match=r'--set peft.lora.layers=\[qkv: not valid YAML'):
-        engine.load_config(engine.REFERENCE_CONFIG, ['peft.lora.layers=[qkv'])
+    with pytest.raises(config.ConfigError, match=rf'{path}: not valid YAML'):
+        config.load_config(path)
+    with pytest.raises(config.ConfigError, match=r'--set peft.lora.layers=\[qkv: not valid YAML'):
+        config.load_config(config.REFERENCE_CONFIG, ['peft.lora.layers=[qkv'])
 
 
 @pytest.mark.parametrize('override', ['pretrain.epochs=0', 'pretrain.epochs=-1', 'finetune.epochs=null',
@@ -127,8 +128,8 @@ def test_config_yaml_syntax_errors_name_the_file_or_override(tmp_path):
                                       'pretrain.weight_decay=-0.1', 'run.workers=-1', 'run.log_every=0'])
 def test_non_positive_budgets_and_non_finite_rates_are_refused(override):
     key = override.split('=')[0]
-    with pytest.raises(engine.ConfigError, match=rf'--set {override}: {key} must be a finite number'):
-        engine.load_config(engine.REFERENCE_CONFIG, [override])
+    with pytest.raises(config.ConfigError, match=rf'--set {override}: {key} must be a finite number'):
+        config.load_config(config.REFERENCE_CONFIG, [override])
 
 
 class Toy(torch.utils.data.Dataset):

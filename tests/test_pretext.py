@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import config
 import data
 import engine
 import finetune
@@ -16,7 +17,7 @@ from conftest import args, tiny_config
 
 def tiny_dino(tmp_path, cache):
     """The tiny config's stage-1 DINO model, targets inserted, backbone random (no checkpoint needed here)."""
-    cfg = engine.load_config(tiny_config(tmp_path, cache), ['pretrain.pretext=dino'])
+    cfg = config.load_config(tiny_config(tmp_path, cache), ['pretrain.pretext=dino'])
     torch.manual_seed(0)
     student = models.build_dino(cfg)
     pretrain_targets.insert_targets(student, cfg)
@@ -84,7 +85,7 @@ def test_dino_loss_is_the_cross_entropy_of_each_teacher_view_with_every_other_st
 
 
 def test_random_views_keep_black_black_and_differ():
-    dcfg = engine.load_config(engine.REFERENCE_CONFIG)['data']
+    dcfg = config.load_config(config.REFERENCE_CONFIG)['data']
     black = torch.full((4, 1, 16, 16), -dcfg['mean'][0] / dcfg['std'][0])   # 0 before normalisation
     torch.testing.assert_close(data.random_views(black, dcfg, [0.2, 1.0]), black)
     torch.manual_seed(0)
@@ -136,5 +137,5 @@ def test_dino_stage1_resumes_exactly(tmp_path, cache, crash_after_checkpoint):
 
 
 def test_unknown_pretext_is_a_named_error(tmp_path, cache):
-    with pytest.raises(engine.ConfigError, match='pretrain.pretext'):
+    with pytest.raises(config.ConfigError, match='pretrain.pretext'):
         pretrain_targets.main(args(tiny_config(tmp_path, cache), 'pretrain.pretext=simclr'))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+import config
 import data
 import engine
 import finetune
@@ -25,10 +26,10 @@ def test_stage0_makes_the_backbone_once_and_loads_as_a_checkpoint(tmp_path, cach
     stamp = path.stat().st_mtime_ns
     assert pretrain_backbone.main(args(cfg)) == path and path.stat().st_mtime_ns == stamp     # cached, not retrained
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt['recipe'] == pretrain_backbone.default_path(engine.load_config(cfg))[1]
-    mae = models.build_mae(engine.load_config(cfg))
+    assert ckpt['recipe'] == pretrain_backbone.default_path(config.load_config(cfg))[1]
+    mae = models.build_mae(config.load_config(cfg))
     assert pretrain_backbone.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')   # all of them
-    other = pretrain_backbone.default_path(engine.load_config(cfg, ['backbone.bootstrap.epochs=2']))[0]
+    other = pretrain_backbone.default_path(config.load_config(cfg, ['backbone.bootstrap.epochs=2']))[0]
     assert other != path and not other.exists()                          # another recipe, another backbone
 
 
@@ -52,7 +53,7 @@ def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeyp
             assert torch.equal(p, before[n]), n                            # ... and is bit-identical after stage 1
     saved = torch.load(path, weights_only=True)
     assert set(saved['targets']) == targets                                # only target keys
-    backbone_file = pretrain_backbone.resolve(engine.load_config(tmp_path / 'tiny.yaml'))
+    backbone_file = pretrain_backbone.resolve(config.load_config(tmp_path / 'tiny.yaml'))
     assert path.stat().st_size < 0.25 * backbone_file.stat().st_size
     assert saved['meta']['steps'] > 0 and saved['meta']['backbone'] == lora.backbone_fingerprint(mae)
     assert (path.parent / 'reconstructions.png').stat().st_size > 0
@@ -72,14 +73,14 @@ def test_decoder_warmup_trains_the_decoder_for_its_steps_then_freezes_it(tmp_pat
     n, params = seen['frozen_after']                     # engine.train freezes them (tests/test_engine.py)
     assert n == 1 and {id(p) for p in params} == seen['decoder'] and seen['decoder']
     assert torch.load(path, weights_only=True)['meta']['pretext']['decoder_warmup_steps'] == 1
-    with pytest.raises(engine.ConfigError, match='decoder_warmup_steps'):
+    with pytest.raises(config.ConfigError, match='decoder_warmup_steps'):
         pretrain_targets.main(args(cfg, 'pretrain.train_decoder=false', 'pretrain.name=other'))
 
 
 def test_linear_tpp_trains_the_head_on_the_frozen_pre_trained_targets(tmp_path, cache):
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
     targets = torch.load(pretrain_targets.main(args(cfg)), weights_only=True)['targets']
-    run_cfg = engine.load_config(cfg, ['finetune.init=linear_tpp'])
+    run_cfg = config.load_config(cfg, ['finetune.init=linear_tpp'])
     run = engine.Run(run_cfg, 'probe')
     model, counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear_tpp')
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {f'head.{n}' for n, _ in
@@ -92,7 +93,7 @@ def test_linear_tpp_trains_the_head_on_the_frozen_pre_trained_targets(tmp_path, 
 
 @pytest.mark.parametrize('task', ['segmentation', 'classification'])
 def test_full_finetuning_keeps_the_fixed_pos_embed(tmp_path, cache, task):
-    cfg = engine.load_config(tiny_config(tmp_path, cache), [f'finetune.task={task}'])
+    cfg = config.load_config(tiny_config(tmp_path, cache), [f'finetune.task={task}'])
     model, _ = finetune.add_head(cfg, models.build_backbone(cfg), 3, 'full')
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     unused = {'backbone.norm.weight', 'backbone.norm.bias'} if task == 'segmentation' else set()
@@ -118,7 +119,7 @@ def test_stage2_loads_targets_and_learns(tmp_path, cache, task):
     saved = torch.load(run_dir / 'model.pth', weights_only=False)
     assert saved['lora_merged'] and not any('.lora.' in k for k in saved['model'])
     # model.pth alone (a plain ViT + head, LoRA merged) reproduces the reported test score
-    run_cfg = engine.load_config(cfg, [f'finetune.task={task}'])
+    run_cfg = config.load_config(cfg, [f'finetune.task={task}'])
     model = models.TaskModel(models.build_backbone(run_cfg), models.build_head(run_cfg, saved['num_classes']))
     model.load_state_dict(saved['model'])
     run = engine.Run(run_cfg, 'reevaluate')
@@ -133,7 +134,7 @@ def test_stage2_saves_predicted_masks_on_the_source_grid(tmp_path, cache):
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1, 'save_predictions': True})
     run_dir = finetune.main(args(cfg, 'finetune.init=linear'))
     saved = sorted((run_dir / 'predictions').glob('*_pred.nii.gz'))
-    dcfg = engine.load_config(cfg)['data']
+    dcfg = config.load_config(cfg)['data']
     cases = data.split_cases(data.prepare(dcfg, str(cache))[0], dcfg)['test']
     test_ids = {c.id for c in cases}
     assert {p.name[:-len('_pred.nii.gz')] for p in saved} == test_ids
@@ -160,13 +161,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, cache, crash_after_checkpoint
     with crash_after_checkpoint():
         script.main(args(cfg, f'{name}.name=crashed'))
     saved = (tmp_path / 'runs' / 'crashed' / 'config.yaml').read_bytes()
-    with pytest.raises(engine.ConfigError, match=r'--resume: data.window differs'):     # nothing rewritten
+    with pytest.raises(config.ConfigError, match=r'--resume: data.window differs'):     # nothing rewritten
         script.main(args(cfg, f'{name}.name=crashed', 'data.window=[-100, 200]', resume=True))
     assert (tmp_path / 'runs' / 'crashed' / 'config.yaml').read_bytes() == saved
     resumed = script.main(args(cfg, f'{name}.name=crashed', resume=True))
     result = resumed if script is pretrain_targets else resumed / 'metrics.json'
     stamp = result.stat().st_mtime_ns
-    with pytest.raises(FileExistsError, match='finished'):                              # its outputs are kept
+    with pytest.raises(engine.RunFolderError, match='finished'):                              # its outputs are kept
         script.main(args(cfg, f'{name}.name=crashed', resume=True))
     assert result.stat().st_mtime_ns == stamp
     if script is pretrain_targets:
@@ -223,10 +224,10 @@ def test_everything_checkable_is_checked_before_stage0_and_the_run_folder(tmp_pa
             pretrain_targets.main(args(cfg, 'data.layout=msd'))
         with pytest.raises(ValueError, match=r'4 blocks: model.depth is 3'):      # stage 2's segmentation head
             pretrain_targets.main(args(cfg, 'model.depth=3'))
-    with pytest.raises(FileNotFoundError, match='finetune.targets'):
+    with pytest.raises(config.ConfigError, match='finetune.targets'):
         finetune.main(args(cfg, f'finetune.targets={tmp_path}/none.pth'))
-    mae = models.build_mae(engine.load_config(cfg))
-    pretrain_backbone.load_checkpoint(mae, pretrain_backbone.resolve(engine.load_config(cfg)))
+    mae = models.build_mae(config.load_config(cfg))
+    pretrain_backbone.load_checkpoint(mae, pretrain_backbone.resolve(config.load_config(cfg)))
     encoder = {k: v for k, v in mae.state_dict().items() if not models.is_decoder_key(k)}
     torch.save({'model': encoder}, tmp_path / 'encoder.pth')
     with pytest.raises(pretrain_backbone.CheckpointError, match='train_decoder'):
@@ -249,7 +250,7 @@ def test_the_shipped_backbone_is_the_default_configs_and_has_learned_to_reconstr
     """weights/ holds the default config's stage 0 (weights/README.md): the Quickstart never trains it. Its recipe
     is the default config's, every tensor loads, and on fresh upstream images it reconstructs masked patches better
     than their best constant guess (each patch's mean: 0 in normalised pixels), which an untrained MAE does not."""
-    cfg = engine.load_config(engine.REFERENCE_CONFIG)
+    cfg = config.load_config(config.REFERENCE_CONFIG)
     path, recipe = pretrain_backbone.default_path(cfg)
     assert path.parent == pretrain_backbone.WEIGHTS and path.is_file()
     assert torch.load(path, weights_only=True)['recipe'] == recipe

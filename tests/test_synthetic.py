@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import config
 import data
-import engine
 import pretrain_backbone
 import synthetic
 from test_data import dcfg  # noqa: F401  (fixture)
@@ -79,7 +79,7 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
 
 
 def test_upstream_dataset(tmp_path):
-    cfg = engine.load_config(engine.REFERENCE_CONFIG, [f'run.cache_dir={tmp_path}', 'backbone.bootstrap.images=3',
+    cfg = config.load_config(config.REFERENCE_CONFIG, [f'run.cache_dir={tmp_path}', 'backbone.bootstrap.images=3',
                                                        'model.img_size=16', 'model.in_chans=3'])
     ds = pretrain_backbone.upstream_dataset(cfg)
     assert len(ds) == 3 and len(list(next(tmp_path.iterdir()).glob('*.png'))) == 3

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules, from any folder
+import config  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 import finetune  # noqa: E402
@@ -339,7 +340,7 @@ def run_child(ctx, spec):
 
 def bench_preset(ctx, args, name):
     overrides, batch, steps, warmup = PRESETS[name]
-    cfg = engine.load_config(args.config, overrides + args.set)
+    cfg = config.load_config(args.config, overrides + args.set)
     device = engine.pick_device(cfg['run']['device'], 0)
     info = data.prepare(cfg['data'], cfg['run']['cache_dir'])[1]
     bf16 = args.bf16 == 'on' or args.bf16 == 'auto' and bf16_supported(device)

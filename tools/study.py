@@ -48,6 +48,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules, from any folder
+import config  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 import finetune  # noqa: E402
@@ -262,12 +263,12 @@ def stale_keys(saved, expected, prefix=''):
 HEAVY = ('checkpoint.pth', 'best.pth', 'model.pth')   # deleted from finished runs unless --keep
 
 
-def execute(run, config, sets, verbose, keep=False):
+def execute(run, config_path, sets, verbose, keep=False):
     """Run one stage in-process: skip it if finished, resume it if interrupted with a checkpoint, else (re)start."""
     folder = run['dir']
     done = folder / ('targets.pth' if run['stage'] == 1 else 'metrics.json')
     failed = folder / 'failed.json'
-    cfg = engine.load_config(config, sets)
+    cfg = config.load_config(config_path, sets)
     dcfg = cfg['data']
     if dcfg['intensity'] == 'auto':   # resolved as the stage resolves it: its config.yaml holds the mode used
         dcfg['intensity'] = data.resolve_intensity('auto', *data.read_cases(dcfg, cfg['run']['cache_dir']))[0]
@@ -293,7 +294,7 @@ def execute(run, config, sets, verbose, keep=False):
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     try:
         with sink:
-            script.main(argparse.Namespace(config=str(config), set=sets, resume=resume))
+            script.main(argparse.Namespace(config=str(config_path), set=sets, resume=resume))
         status = 'resumed' if resume else 'ran'
     except engine.NonFiniteLossError as e:   # a diverged run is a result too: recorded, not retried
         failed.write_text(json.dumps({'error': str(e)}))
@@ -626,7 +627,7 @@ def run_all(runs, args, m, out):
         run['dir'] = out / run['name']
         d = run['dataset']
         if d not in backbones:   # the config's backbone (the embedded default is bootstrapped once and cached)
-            cfg = engine.load_config(args.config, DATASETS[d] + list(args.set))
+            cfg = config.load_config(args.config, DATASETS[d] + list(args.set))
             backbones[d] = pretrain_backbone.resolve(cfg).resolve()
         sets = overrides(run, m, list(args.set), out, backbones[d])
         t = time.time()
