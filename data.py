@@ -85,6 +85,24 @@ def _read_nifti(path: Path):
     return arr, canon.affine
 
 
+def to_source_grid(labels: np.ndarray, path) -> nib.Nifti1Image:
+    """labels on the canonical grid that load() reads from the NIfTI file `path` -> a NIfTI image on the file's own
+    grid: _read_nifti's reorientation undone, so it has the source's spatial shape, voxel order, affine and header
+    basics (units, codes), overlays it 1:1 in ITK-SNAP / 3D Slicer and pairs with its mask voxel for voxel."""
+    src = nib.load(path)
+    ornt = nib.io_orientation(src.affine)                       # source axis i -> RAS axis ornt[i, 0]
+    shape = (tuple(src.shape[:3]) + (1,))[:3]                   # a 2D source is one slice, as _read_nifti reads it
+    canonical = [0, 0, 0]
+    for i, (axis, _) in enumerate(ornt):
+        canonical[int(axis)] = shape[i]
+    to_source = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt('RAS'), ornt)
+    back = nib.orientations.apply_orientation(labels.reshape(canonical), to_source)
+    header = src.header.copy()
+    header.set_data_dtype(labels.dtype)
+    header['cal_min'] = header['cal_max'] = 0                   # a viewer scales labels from their own range
+    return type(src)(back.reshape(src.shape[:3]), src.affine, header)
+
+
 def _read_2d(path: Path, mask: bool):
     if mask and path.suffix.lower() in ('.jpg', '.jpeg'):
         raise DataError(f'{path}: JPEG masks change label values (lossy); save masks as PNG or NIfTI')

@@ -10,9 +10,12 @@ finetune.init:
   linear_tpp  frozen backbone and frozen pre-trained targets, only the task head trained: does the representation
           carry anything useful before any target is fine-tuned? (the TPP diagnostic)
 The task head (classification or segmentation) always trains. Validation picks the best epoch; the test split is
-evaluated once, with it. Results: <run folder>/metrics.json, TensorBoard, best.pth and the inference model model.pth.
+evaluated once, with it (segmentation Dice on each case's own grid, validation's at model resolution). Results:
+<run folder>/metrics.json, TensorBoard, best.pth and the inference model model.pth.
 """
+import csv
 import json
+import re
 import time
 
 import nibabel as nib
@@ -89,31 +92,67 @@ def classification_metrics(probs, labels, num_classes):
 # Evaluation, per case: slices are reassembled into volumes (Dice in 3D) or their class probabilities averaged
 
 @torch.no_grad()
-def predict(run, model, loader, task):
-    """{case: {slice: prediction}} over the whole split (all ranks gathered; DistributedSampler padding removed)."""
+def predict(run, model, loader, task, native=False):
+    """{case: {slice: prediction}} over the whole split (all ranks gathered; DistributedSampler padding removed):
+    class probabilities, or labels (uint8) at model resolution or, with native, on the slice's own grid: its logits
+    upsampled bilinearly to the slice's size before the argmax, one slice at a time (a volume's logits at full size
+    need not fit in memory)."""
     model.eval()
-    items = []
+    dataset, items, planes = loader.dataset, [], {}
     for batch in loader:
         with run.autocast():
-            logits = model(batch['image'].to(run.device, non_blocking=True)).float()
-        out = logits.softmax(1) if task == 'classification' else logits.argmax(1).to(torch.uint8)
-        items += zip(batch['case'].tolist(), batch['slice'].tolist(), out.cpu().numpy())
-    cases = {}
+            logits = model(batch['image'].to(run.device, non_blocking=True)).float()              # (B, K, S, S)
+        cases = batch['case'].tolist()
+        if task == 'classification':
+            out = logits.softmax(1).cpu().numpy()
+        elif native:
+            out = [F.interpolate(x[None], native_plane(dataset, c, planes), mode='bilinear', align_corners=False)
+                   [0].argmax(0).to(torch.uint8).cpu().numpy() for x, c in zip(logits, cases)]    # (H, W) each
+        else:
+            out = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        items += zip(cases, batch['slice'].tolist(), out)
+    preds = {}
     for case, index, value in engine.gather(run, items):
-        cases.setdefault(case, {})[index] = value
-    return cases
+        preds.setdefault(case, {})[index] = value
+    return preds
 
 
-def evaluate(run, model, loader, task, num_classes):
-    dataset = loader.dataset
-    preds = predict(run, model, loader, task)
+def native_plane(dataset, c, planes):
+    """(H, W) of case c's slices on its own grid: its mask's canonical shape without data.axis (cached in planes)."""
+    if c not in planes:
+        shape = dataset.load(dataset.cases[c].mask, mask=True)[0].shape
+        planes[c] = shape if len(shape) == 2 else shape[:dataset.axis] + shape[dataset.axis + 1:]
+    return planes[c]
+
+
+def case_labels(slices, axis):
+    """{slice: (H, W) labels} of one case -> its labels on the case's canonical grid, as data.load reads the image:
+    one slice is a 2D image (a volume read there has no axis of length 1), more are stacked along data.axis."""
+    vol = np.stack([slices[i] for i in sorted(slices)])                                     # (S, H, W)
+    return vol[0] if len(vol) == 1 else np.moveaxis(vol, 0, axis)
+
+
+def evaluate(run, model, loader, task, num_classes, native=False):
+    """The metrics of a model on a split's loader (predict, then score)."""
+    return score(predict(run, model, loader, task, native), loader.dataset, task, num_classes, native)
+
+
+def score(preds, dataset, task, num_classes, native=False):
+    """Metrics of predict's output. Segmentation: Dice per class per volume, then the mean over volumes per class and
+    over classes; native: against each case's mask as read (the test split, the Dice that the saved predictions and
+    the original masks give), else against the masks resized to model resolution (validation: faster)."""
     if task == 'classification':
         probs = np.stack([np.mean(list(slices.values()), 0) for slices in preds.values()])   # (cases, K)
         labels = np.array([dataset.cases[c].label for c in preds])
         return classification_metrics(probs, labels, num_classes)
-    truth = volumes(dataset)
-    dice = np.array([dice_per_class(np.stack([preds[c][i] for i in sorted(preds[c])]), truth[c], num_classes)
-                     for c in preds])                                                       # (cases, K-1)
+    dice = []
+    for c, slices in preds.items():
+        if native:
+            pred, truth = case_labels(slices, dataset.axis), data.load_mask(dataset.cases[c], dataset.load)
+        else:
+            pred, truth = np.stack([slices[i] for i in sorted(slices)]), volumes(dataset)[c]
+        dice.append(dice_per_class(pred, truth, num_classes))
+    dice = np.array(dice)                                                                   # (cases, K-1)
     per_class = np.nanmean(dice, 0) if len(dice) else np.full(num_classes - 1, np.nan)
     mean = float(np.nanmean(per_class))
     return {'score': mean, 'dice_mean': mean, **{f'dice_{c + 1}': float(d) for c, d in enumerate(per_class)}}
@@ -185,30 +224,50 @@ def overlay(image, mask):
     return torch.where(mask > 0, 0.55 * image + 0.45 * color, image.expand(3, -1, -1))
 
 
-def save_predictions(run, model, loader, dcfg):
-    """Predicted test masks in each case's own grid: NIfTI with the case's (canonical) affine for volumes, PNG for
-    2D images; and overlay.png (image / ground truth / prediction) for the middle slice of the first case."""
-    out = run.dir / 'predictions'
-    preds, dataset, axis = predict(run, model, loader, 'segmentation'), loader.dataset, dcfg['axis']
+def prediction_names(cases):
+    """One file name per case, a plain name in the predictions folder whatever the case id holds: '/' (class folders,
+    a CSV case column) becomes '__', any other character but letters, digits, '.', '-' and '_' becomes '_', and a name
+    already taken (cases sharing an id, or ids equal once made safe, compared ignoring case as some file systems do)
+    gets a suffix _2, _3, ...; NIfTI for volumes, PNG for 2D images."""
+    names, taken = [], set()
+    for case in cases:
+        stem = re.sub(r'[^\w.-]', '_', case.id.replace('/', '__')).lstrip('.') or 'case'
+        ext = '.nii.gz' if data.is_nifti(case.image) else '.png'
+        name, n = f'{stem}_pred{ext}', 1
+        while name.casefold() in taken:
+            n += 1
+            name = f'{stem}_{n}_pred{ext}'
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def save_predictions(run, preds, dataset, dcfg):
+    """predict's native labels of the test cases (the ones the test Dice scored), one file per case on its source's
+    own grid: NIfTI with the source's shape, voxel order and affine, or a PNG of the image's size, holding class
+    indices as data.py reads masks; cases.csv pairs each file with its case, image and mask; overlay.png shows image /
+    ground truth / prediction at model resolution for the middle slice of the first case."""
     if not run.main:
         return
+    out = run.dir / 'predictions'
     out.mkdir(exist_ok=True)
-    for c, slices in preds.items():
-        case = dataset.cases[c]
-        image, affine = dataset.load(case.image)                                         # canonical grid
-        shape = image.shape
-        vol = torch.from_numpy(np.stack([slices[i] for i in sorted(slices)])).float()   # (S, h, w) model grid
-        plane = [n for i, n in enumerate(shape) if i != axis] if len(shape) == 3 else list(shape)
-        vol = F.interpolate(vol[None], size=plane, mode='nearest-exact')[0].to(torch.uint8).numpy()  # (S, H, W)
-        if len(shape) == 3:
-            nib.save(nib.Nifti1Image(np.moveaxis(vol, 0, axis), affine), out / f'{case.id}_pred.nii.gz')
-        else:
-            Image.fromarray(vol[0]).save(out / f'{case.id}_pred.png')
+    names = prediction_names([dataset.cases[c] for c in preds])
+    with open(out / 'cases.csv', 'w', newline='') as f:
+        table = csv.writer(f)
+        table.writerow(['case', 'image', 'mask', 'prediction'])
+        for (c, slices), name in zip(preds.items(), names):
+            case, labels = dataset.cases[c], case_labels(slices, dataset.axis)
+            if data.is_nifti(case.image):
+                nib.save(data.to_source_grid(labels, case.image), out / name)
+            else:
+                Image.fromarray(labels).save(out / name)
+            table.writerow([case.id, case.image, case.mask, name])
     first = next(iter(preds))
     items = [i for i in range(len(dataset)) if dataset.sample_index(i)[0] == first]
     item = dataset[items[len(items) // 2]]                                              # middle slice
     image = (item['image'][:1] * dcfg['std'][0] + dcfg['mean'][0]).clamp(0, 1)          # (1, H, W)
-    pred = torch.from_numpy(preds[first][item['slice']])
+    pred = torch.from_numpy(preds[first][item['slice']])[None, None].float()            # (1, 1, H0, W0) own grid
+    pred = F.interpolate(pred, item['mask'].shape, mode='nearest-exact')[0, 0]          # as data.resize does masks
     save_image([image.expand(3, -1, -1), overlay(image, item['mask']), overlay(image, pred)], out / 'overlay.png')
 
 
@@ -248,9 +307,10 @@ def main(args):
 
     best = torch.load(run.dir / 'best.pth', map_location=run.device, weights_only=False)
     engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
-    test = evaluate(run, model, test_loader, task, num_classes)
+    test_preds = predict(run, model, test_loader, task, native=True)   # every rank its share; Dice on the own grid
+    test = score(test_preds, test_loader.dataset, task, num_classes, native=True)
     if fcfg['save_predictions'] and task == 'segmentation':
-        save_predictions(run, model, test_loader, dcfg)            # every rank predicts its share; rank 0 writes
+        save_predictions(run, test_preds, test_loader.dataset, dcfg)   # the labels that test scored; rank 0 writes
     if run.main:
         metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
                    'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
