@@ -149,10 +149,23 @@ def read_npz(path: Path) -> dict:
 @functools.lru_cache(maxsize=1)
 def _read_npz(path, mtime_ns, size):
     try:
-        with np.load(path) as f:
-            return dict(f)
-    except Exception as e:  # not a zip, a pickled object array, a truncated download
+        f = np.load(path)
+    except Exception as e:  # not a zip, a pickle, a truncated download
         raise DataError(f'{path}: unreadable .npz ({type(e).__name__}: {e})') from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a plain .npy file under an .npz name
+        raise DataError(f'{path}: one array ({type(f).__name__}), not an .npz archive of named arrays')
+    arrays = {}
+    with f:
+        for key in f.files:
+            try:
+                arrays[key] = f[key]  # a member that is no .npy file comes back as its raw bytes
+            except Exception as e:  # an object array (pickled Python objects), a truncated member
+                raise DataError(f'{path}: member {key!r} unreadable ({type(e).__name__}: {e}); save numeric arrays '
+                                f'with np.savez') from None
+            if not isinstance(arrays[key], np.ndarray):
+                raise DataError(f'{path}: member {key!r} is {type(arrays[key]).__name__}, not a NumPy array; save '
+                                f'numeric arrays with np.savez')
+    return arrays
 
 
 def _read_npz_image(path: Path):
@@ -332,14 +345,20 @@ def read_csv(path: Path):
     images = [base / row['image'] for row in rows]
     stems = [_stem(p) for p in images]
     unique_stems = len(set(stems)) == len(stems)
-    cases, seen = [], set()
+    cases, seen, mask_of = [], set(), {}   # mask_of: mask -> (line, case) of the first row listing it
     for n, (row, image) in enumerate(zip(rows, images), start=2):
         if image in seen:
             raise DataError(f'{path} line {n}: {image} is listed twice')
         seen.add(image)
         cid = row.get('case') or (_stem(image) if unique_stems else row['image'].rsplit('.nii', 1)[0])
-        cases.append(Case(cid, image, base / row['mask'] if 'mask' in columns else None,
-                          labels[n - 2] if 'label' in columns else None, row.get('split')))
+        mask = base / row['mask'] if 'mask' in columns else None
+        if mask is not None:  # one case's images (co-registered sequences) may share a mask; two cases may not
+            first, other = mask_of.setdefault(mask, (n, cid))
+            if other != cid:
+                raise DataError(f'{path} lines {first} and {n}: one mask {mask} for cases {other} and {cid}; give '
+                                f'each image its own mask, or both rows one "case" value if they are images of one '
+                                f'patient')
+        cases.append(Case(cid, image, mask, labels[n - 2] if 'label' in columns else None, row.get('split')))
     js = path.parent / 'dataset.json'  # optional segmentation class names, as in the msd layout
     return cases, {'class_names': _label_names_json(js) if js.exists() and 'mask' in columns else None,
                    'label_names': label_names, 'modality': _modality_json(js)}
@@ -355,7 +374,7 @@ def read_folder(root: Path, suffix: str):
     mask_re = re.compile(rf'(.+){re.escape(suffix)}(_\d+)?') if suffix else None
     cases, any_mask = [], False
     for label, cls in enumerate(classes):
-        images, masks = [], {}
+        images, masks, stems = [], {}, {}   # stems: file stem -> file, so b0.png + b0.jpg is refused, not paired
         for p in sorted((root / cls).iterdir()):
             if p.name.startswith('.'):
                 continue
@@ -363,6 +382,10 @@ def read_folder(root: Path, suffix: str):
                 raise DataError(f'{p}: not a 2D image ({", ".join(IMAGE_EXTS)}); the folder layout holds only '
                                 f'images and their masks')
             m = mask_re.fullmatch(_stem(p)) if mask_re else None
+            if _stem(p) in stems:
+                raise DataError(f'{stems[_stem(p)]} and {p}: two {"masks" if m else "images"} named {_stem(p)}; '
+                                f'keep one')
+            stems[_stem(p)] = p
             if m:
                 masks.setdefault(m.group(1), []).append(p)
             else:
@@ -407,6 +430,13 @@ def read_medmnist(path: Path):
         if labels.shape[1] != 1:
             raise DataError(f'{path}: {split}_labels has {labels.shape[1]} labels per image (multi-label, as '
                             f'ChestMNIST); tpp classifies one class per image, labels (N, 1)')
+        if labels.dtype.kind not in 'biuf':
+            raise DataError(f'{path}: {split}_labels has dtype {labels.dtype}; labels are class indices 0, 1, ...')
+        whole = np.isfinite(labels) & (labels == np.round(labels)) if labels.dtype.kind == 'f' else True
+        wrong = np.flatnonzero(~(whole & (labels >= 0))[:, 0])  # a float label must not be truncated to a class
+        if len(wrong):
+            raise DataError(f'{path}: {split}_labels[{wrong[0]}] is {labels[wrong[0], 0]:g}; labels are class '
+                            f'indices 0, 1, ... (non-negative integers)')
         cases += [Case(f'{split}_{i}', path / f'{split}_images' / str(i), None, int(label), split)
                   for i, label in enumerate(labels[:, 0])]
     return cases, {'class_names': None, 'label_names': None}
@@ -473,6 +503,7 @@ def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
                         f'medmnist')
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
+    names['root'] = root.name if layout.startswith('synthetic') else str(root.resolve())   # where the cases are from
     return cases, names
 
 
@@ -480,16 +511,60 @@ def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
     """Resolve data.layout (read_cases) and data.intensity, then validate every case; with a task ('classification' /
     'segmentation') also refuse data with one class for it. Returns (cases, info) with info keys num_classes_seg
     (incl. background) or None, num_classes_cls or None, and intensity, the line to log about data.intensity. auto
-    is resolved here, in dcfg itself, so SliceDataset and the run's config.yaml (resume compares it) get the mode."""
+    is resolved here, in dcfg itself, so SliceDataset and the run's config.yaml (resume compares it) get the mode.
+    info also holds warnings (validate's, for the stage to log: warning_lines) and data, {'layout', 'root'} with the
+    root resolved (a synthetic set's folder name), which describe() completes for the targets' meta."""
     _check_intensity(dcfg)
     cases, names = read_cases(dcfg, cache_dir)
     dcfg['intensity'], intensity = resolve_intensity(dcfg['intensity'], cases, names)
-    return cases, {**validate(cases, names, dcfg, task), 'intensity': intensity}
+    return cases, {**validate(cases, names, dcfg, task), 'intensity': intensity,
+                   'data': {'layout': dcfg['layout'], 'root': names['root']}}
+
+
+def fingerprint(cases: list[Case]) -> str:
+    """First 12 hex digits of the sha256 of the sorted case ids and image file names: the same cases give the same
+    fingerprint wherever their folder lies, another split or data set another one."""
+    listing = '\n'.join(sorted(f'{c.id}\t{c.image.name}' for c in cases))
+    return hashlib.sha256(listing.encode()).hexdigest()[:12]
+
+
+def describe(info: dict, cases: list[Case]) -> dict:
+    """The data a stage trains on, as the targets' meta records it and stage 2 compares it: {'layout', 'root',
+    'fingerprint'} of `cases` (the split's training cases); info from prepare."""
+    return {**info['data'], 'fingerprint': fingerprint(cases)}
+
+
+def warning_lines(warnings: list[str], first=5) -> list[str]:
+    """The log lines of prepare's warnings: the first few, then how many more (one per case can be thousands)."""
+    more = [f'... and {len(warnings) - first} more data warnings'] if len(warnings) > first else []
+    return [f'warning: {w}' for w in warnings[:first] + more]
+
+
+def _listing(values: list) -> str:
+    """The first five values, then '...': the missing classes a message names."""
+    return ', '.join(map(str, values[:5])) + (', ...' if len(values) > 5 else '')
+
+
+def _window_warning(case: Case, image: np.ndarray, window) -> str | None:
+    """Why a CT image (data.intensity window) may not be in Hounsfield units, or None: no voxel below 0, or almost
+    every voxel outside the window."""
+    low, (lo, hi) = image.min(), window
+    where = f'{case.image} (case {case.id})'
+    if low >= 0:
+        return (f'{where}: no voxel below 0 (min {low:g}), but data.intensity window reads Hounsfield units, where '
+                f'air is -1000: is an HU offset missing (CT stored as HU + 1024)? Set the rescale slope/intercept in '
+                f'the NIfTI header (scl_inter -1024), subtract 1024 from the voxels, or set data.intensity: percentile')
+    clipped = np.count_nonzero((image < lo) | (image > hi)) / image.size
+    if clipped > 0.99:
+        return (f'{where}: {100 * clipped:.1f}% of the voxels lie outside data.window {[lo, hi]} and are clipped; '
+                f'check data.window (Hounsfield units) or set data.intensity: percentile')
+    return None
 
 
 def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
     """Decode every file once and check it; the first problem raises a DataError naming the file. Returns the class
-    counts: names from dataset.json / class folders / label names when there are some, else the largest value + 1."""
+    counts (names from dataset.json / class folders / label names when there are some, else the largest value + 1)
+    and the warnings: images that are constant or whose intensities look wrong for data.intensity."""
     if dcfg['intensity'] == 'window':
         flat = [c.image for c in cases if not is_nifti(c.image)]
         if flat:
@@ -498,6 +573,7 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
     configured = dcfg.get('num_classes')
     seg_k = configured or (len(names['class_names']) if names['class_names'] else None)
     seen, top = set(), None  # mask values over all masks, and the mask holding the largest
+    warnings, constant = [], 0   # constant: images with every voxel equal
     for c in cases:
         if not (c.image.exists() or in_npz(c.image)):
             raise DataError(f'{c.image}: image file not found (case {c.id})')
@@ -505,6 +581,12 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
         if image.dtype.kind == 'f' and not np.isfinite(image).all():
             raise DataError(f'{c.image}: {(~np.isfinite(image)).sum()} NaN/Inf voxels; replace them (for example '
                             f'with the background value) or leave the case out')
+        if image.min() == image.max():
+            constant += 1
+            warnings.append(f'{c.image} (case {c.id}): every voxel is {image.flat[0]:g}: a constant image teaches '
+                            f'nothing; leave the case out')
+        elif dcfg['intensity'] == 'window' and (warning := _window_warning(c, image, dcfg['window'])):
+            warnings.append(warning)
         if c.mask is None:
             continue
         for path in (c.mask, *c.extra_masks):
@@ -532,10 +614,9 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
     if seen and not seg_k:  # classes inferred from the values: 0/128 masks must not become 129 classes
         unused = sorted(set(range(max(seen))) - seen)
         if unused:
-            gap = ', '.join(map(str, unused[:5])) + (', ...' if len(unused) > 5 else '')
-            raise DataError(f'{top}: mask value {max(seen)}, but no mask holds {gap}; masks hold class indices '
-                            f'0..K-1 (0/255 is read as 0/1): save them so (a binary 0/c mask as mask > 0) or, if '
-                            f'classes really are absent, set data.num_classes')
+            raise DataError(f'{top}: mask value {max(seen)}, but no mask holds {_listing(unused)}; masks hold class '
+                            f'indices 0..K-1 (0/255 is read as 0/1): save them so (a binary 0/c mask as mask > 0) or, '
+                            f'if classes really are absent, set data.num_classes')
     if task == 'segmentation' and seen == {0}:
         raise DataError(f'{cases[0].mask} and the others: all {len(cases)} masks hold only background (0); '
                         f'segmentation needs a foreground class (check the masks or data.mask_suffix)')
@@ -548,13 +629,22 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
             if not 0 <= c.label < cls_k:
                 raise DataError(f'{c.image}: label {c.label} outside the {cls_k} classes 0..{cls_k - 1} '
                                 f'(data.num_classes)')
+        unused = sorted(set(range(cls_k)) - {c.label for c in labelled})
+        if unused and not (configured or names['label_names']):  # a count inferred from {0, 1, 255} is not 256
+            top = max(labelled, key=lambda c: c.label)
+            raise DataError(f'{top.image} (case {top.id}): label {top.label}, but no case has label '
+                            f'{_listing(unused)}; labels are class indices 0..K-1: number the classes so or, if '
+                            f'classes really are absent, set data.num_classes')
         if task == 'classification' and len({c.label for c in labelled}) == 1:
             k = labelled[0].label
             name = f" ({names['label_names'][k]})" if names['label_names'] else ''
             raise DataError(f'{labelled[0].image} and the others: all {len(labelled)} labelled images have class '
                             f'{k}{name}; classification needs two classes or more (check the labels in data.root)')
+    if constant == len(cases):
+        raise DataError(f'{cases[0].image} and the others: all {len(cases)} images are constant (every voxel equal, '
+                        f'as an all-zero file): nothing to train on; check the files in data.root')
     seg_k = seg_k or (max(max(seen) + 1, 2) if seen else None)
-    return {'num_classes_seg': seg_k, 'num_classes_cls': cls_k}
+    return {'num_classes_seg': seg_k, 'num_classes_cls': cls_k, 'warnings': warnings}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -171,8 +171,9 @@ def volumes(dataset):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def build_model(cfg, run, backbone_path, num_classes, init):
-    """Backbone (+ targets) + task head, with exactly the parameters of this init method trainable."""
+def build_model(cfg, run, backbone_path, num_classes, init, source):
+    """Backbone (+ targets) + task head, with exactly the parameters of this init method trainable. source: the data
+    fine-tuned on (data.describe of the training split), compared with the data the targets were pre-trained on."""
     backbone = models.build_backbone(cfg)
     run.log(pretrain_backbone.load_checkpoint(backbone, backbone_path))
     fingerprint = lora.backbone_fingerprint(backbone)
@@ -188,6 +189,10 @@ def build_model(cfg, run, backbone_path, num_classes, init):
             raise config.ConfigError(f'finetune.targets: {path} does not exist: run pretrain_targets.py first '
                                     f'(or set finetune.init=random for plain PEFT)') from None
         run.log(f"targets: loaded {path} (pre-trained for {meta['steps']} steps, pretext {meta['pretext']})")
+        pretrained_on = meta.get('data')                         # None in the targets files of an older tpp
+        if pretrained_on and pretrained_on != source:           # legitimate (other data), but worth knowing
+            named = lambda d: f"{d['layout']} {d['root']} ({d['fingerprint']})"
+            run.log(f'warning: targets were pre-trained on {named(pretrained_on)}, fine-tuning on {named(source)}')
     model, counts = add_head(cfg, backbone, num_classes, init)
     model.to(run.device)
     run.log(f"parameters ({init}): total {counts['total']:,} | trainable {counts['trainable']:,} "
@@ -291,10 +296,12 @@ def main(args):
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
     run.log(f"data.intensity {info['intensity']}")
+    for line in data.warning_lines(info['warnings']):
+        run.log(line)
     start = time.time()
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
-    model, counts = build_model(cfg, run, backbone_path, num_classes, init)
+    model, counts = build_model(cfg, run, backbone_path, num_classes, init, data.describe(info, splits['train']))
 
     loader = engine.make_loader(run, sets['labelled'], fcfg['batch_size'], train=True)
     val_loader, test_loader = (engine.make_loader(run, sets[s], fcfg['batch_size'], train=False) for s in ('val', 'test'))

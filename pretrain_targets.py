@@ -119,6 +119,8 @@ def main(args):
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     run = engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth')   # the folder is made when training starts
     run.log(f"data.intensity {info['intensity']}")
+    for line in data.warning_lines(info['warnings']):
+        run.log(line)
     train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
     arch = models.vit_kwargs(cfg['model'])
     size, chans = arch['img_size'], arch['in_chans']
@@ -148,7 +150,8 @@ def main(args):
     meta = {'arch': arch, 'peft': lora.structure(encoder), 'backbone': fingerprint,
             'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
             'final_loss': result['history'][-1]['train_loss'],
-            'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']}}
+            'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']},
+            'data': data.describe(info, train_cases)}                   # stage 2 warns when it fine-tunes on other data
     targets_path = run.dir / 'targets.pth'
     if run.main:
         engine.atomic_save({'targets': lora.target_state_dict(encoder), 'meta': meta}, targets_path)

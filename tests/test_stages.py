@@ -79,15 +79,16 @@ def test_decoder_warmup_trains_the_decoder_for_its_steps_then_freezes_it(tmp_pat
 
 def test_linear_tpp_trains_the_head_on_the_frozen_pre_trained_targets(tmp_path, cache):
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
-    targets = torch.load(pretrain_targets.main(args(cfg)), weights_only=True)['targets']
+    saved = torch.load(pretrain_targets.main(args(cfg)), weights_only=True)
+    targets, source = saved['targets'], saved['meta']['data']           # fine-tuned on stage 1's data
     run_cfg = config.load_config(cfg, ['finetune.init=linear_tpp'])
     run = engine.Run(run_cfg, 'probe')
-    model, counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear_tpp')
+    model, counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear_tpp', source)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {f'head.{n}' for n, _ in
                                                                             model.head.named_parameters()}
     loaded = {n: p for n, p in lora.target_parameters(model.backbone)}
     assert set(loaded) == set(targets) and all(torch.equal(loaded[k], targets[k]) for k in targets)
-    linear, linear_counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear')
+    linear, linear_counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear', source)
     assert counts['trainable'] == linear_counts['trainable'] and counts['targets'] > 0 == linear_counts['targets']
 
 
