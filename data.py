@@ -219,7 +219,7 @@ class _LRU:
 
 def intensity_range(arr: np.ndarray, dcfg: dict) -> tuple[float, float]:
     """[lo, hi] of the image values mapped to [0, 1]: the CT window in HU, per-image percentiles, or the stored range
-    (integers over their dtype's maximum, floats already in [0, 1]). The mode is a resolved one (_check_intensity)."""
+    (integers over their dtype's maximum, floats already in [0, 1]). The mode is a resolved one (resolve_intensity)."""
     mode = dcfg['intensity']
     if mode == 'window':
         lo, hi = dcfg['window']
@@ -239,14 +239,6 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     mean = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
     return (x - mean) / std
-
-
-def _check_norm(dcfg, in_chans):
-    for key in ('mean', 'std'):
-        if len(dcfg[key]) not in (1, in_chans):
-            raise DataError(f'data.{key}: {len(dcfg[key])} values for in_chans={in_chans}; give 1 or {in_chans}')
-    if min(dcfg['std']) <= 0:
-        raise DataError(f"data.std: {dcfg['std']} must be positive")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,22 +438,6 @@ def read_medmnist(path: Path):
 # prepare: resolve the layout, then validate every case before training
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check_intensity(dcfg, auto=True):
-    """data.intensity and the [low, high] pair it uses (auto: both, either may be chosen), checked before any file is
-    read. auto=False (SliceDataset): only a resolved mode, as prepare leaves it."""
-    mode, allowed = dcfg['intensity'], ('auto', *INTENSITIES) if auto else INTENSITIES
-    if mode not in allowed:
-        hint = ' (prepare resolves auto from the data: call it first)' if mode == 'auto' else ''
-        raise DataError(f"data.intensity: {mode!r} is not one of {' | '.join(allowed)}{hint}")
-    for key in {'auto': ('window', 'percentile'), 'none': ()}.get(mode, (mode,)):
-        pair = dcfg[key]
-        ok = (isinstance(pair, (list, tuple)) and len(pair) == 2 and
-              all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair))
-        if not (ok and pair[0] < pair[1] and (key == 'window' or 0 <= pair[0] and pair[1] <= 100)):
-            raise DataError(f"data.{key}: {pair!r} must be [low, high] with low < high"
-                            f"{' (Hounsfield units)' if key == 'window' else ', both in [0, 100]'}")
-
-
 def resolve_intensity(mode: str, cases: list[Case], names: dict) -> tuple[str, str]:
     """(mode, what to log): an explicit data.intensity as it is; auto becomes none for MedMNIST arrays (uint8 / 255),
     percentile for 2D image files and for NIfTI whose dataset.json names another modality than CT (MRI, T2, FLAIR),
@@ -491,16 +467,11 @@ def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
         root = synthetic.synthetic_root('us', cache_dir)
         cases, names = read_folder(root, '_mask')
         names['class_names'] = ['background', 'lesion']
-    elif layout in ('msd', 'csv', 'folder', 'medmnist'):
-        if not root:
-            raise DataError(f'data.root: must be set for data.layout {layout}')
+    else:   # msd, csv, folder, medmnist: config.load_config makes sure data.root is set
         root = Path(root).expanduser()
         cases, names = {'msd': lambda: read_msd(root), 'csv': lambda: read_csv(root),
                         'folder': lambda: read_folder(root, dcfg['mask_suffix']),
                         'medmnist': lambda: read_medmnist(root)}[layout]()
-    else:
-        raise DataError(f'data.layout: {layout!r} is not one of synthetic_ct | synthetic_us | msd | csv | folder | '
-                        f'medmnist')
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
     names['root'] = root.name if layout.startswith('synthetic') else str(root.resolve())   # where the cases are from
@@ -514,7 +485,6 @@ def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
     is resolved here, in dcfg itself, so SliceDataset and the run's config.yaml (resume compares it) get the mode.
     info also holds warnings (validate's, for the stage to log: warning_lines) and data, {'layout', 'root'} with the
     root resolved (a synthetic set's folder name), which describe() completes for the targets' meta."""
-    _check_intensity(dcfg)
     cases, names = read_cases(dcfg, cache_dir)
     dcfg['intensity'], intensity = resolve_intensity(dcfg['intensity'], cases, names)
     return cases, {**validate(cases, names, dcfg, task), 'intensity': intensity,
@@ -663,12 +633,6 @@ def _stratified_order(ids: list[str], labels: dict, seed: int) -> list[str]:
     return sorted(ids, key=key.get)
 
 
-def _count(n: int, fraction: float, key: str) -> int:
-    if not 0 < fraction < 1:
-        raise DataError(f'{key}: {fraction} must be in (0, 1): an empty split cannot be evaluated')
-    return max(1, round(n * fraction))
-
-
 def split_cases(cases: list[Case], dcfg: dict) -> dict[str, list[Case]]:
     """{'train', 'val', 'test', 'labelled'}: deterministic by case id (a CSV split column wins), stratified by label;
     'labelled' is the data.label_fraction subset of 'train' (at least one case). Lists keep the order of `cases`."""
@@ -685,18 +649,14 @@ def split_cases(cases: list[Case], dcfg: dict) -> dict[str, list[Case]]:
                 raise DataError(f'split column: no case has split {s!r}')
     else:
         order = _stratified_order(ids, labels, dcfg['split_seed'])
-        n_test = _count(len(ids), dcfg['test_fraction'], 'data.test_fraction')
-        n_val = _count(len(ids), dcfg['val_fraction'], 'data.val_fraction')
+        n_test, n_val = (max(1, round(len(ids) * dcfg[k])) for k in ('test_fraction', 'val_fraction'))
         if n_test + n_val >= len(ids):
             raise DataError(f"data.val_fraction + data.test_fraction: {dcfg['val_fraction']} + "
                             f"{dcfg['test_fraction']} of {len(ids)} cases leaves no training case")
         groups = {'test': set(order[:n_test]), 'val': set(order[n_test:n_test + n_val]),
                   'train': set(order[n_test + n_val:])}
-    fraction = dcfg['label_fraction']
-    if not 0 < fraction <= 1:
-        raise DataError(f'data.label_fraction: {fraction} must be in (0, 1]')
     train_order = _stratified_order(sorted(groups['train']), labels, dcfg['label_seed'])
-    groups['labelled'] = set(train_order[:max(1, round(len(train_order) * fraction))])
+    groups['labelled'] = set(train_order[:max(1, round(len(train_order) * dcfg['label_fraction']))])
     return {s: [c for c in cases if c.id in g] for s, g in groups.items()}
 
 
@@ -763,13 +723,11 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(self, cases, dcfg, img_size, in_chans, task, train):
         if task not in (None, 'classification', 'segmentation'):
             raise DataError(f'task: {task!r} is not one of None | classification | segmentation')
-        _check_norm(dcfg, in_chans)
-        _check_intensity(dcfg, auto=False)
+        if dcfg['intensity'] not in INTENSITIES:    # a bug: prepare resolves data.intensity auto first
+            raise ValueError(f"data.intensity {dcfg['intensity']!r}: SliceDataset needs one of {INTENSITIES}")
         self.cases, self.dcfg, self.size, self.in_chans = list(cases), dcfg, img_size, in_chans
         self.task, self.train, self.axis = task, train, dcfg['axis']
         self.files, self.ranges = _LRU(int(dcfg['cache_mb']) * 2 ** 20), {}   # decoded arrays; (lo, hi) per image
-        if self.axis not in (0, 1, 2):
-            raise DataError(f"data.axis: {self.axis} must be 0, 1 or 2")
         need = {'classification': 'label', 'segmentation': 'mask'}.get(task)
         for c in self.cases:
             if need and getattr(c, need) is None:

@@ -38,16 +38,39 @@ def parse_args(description):
 
 
 def cli(main, description):
-    """Run an entry point's main(args). A UserError is one `error: ...` line on stderr and exit status 2, with no
-    traceback (TPP_DEBUG=1 shows it); any other exception is a bug and keeps its traceback."""
-    args = parse_args(description)
+    """Run an entry point's main(args) under exit_on_user_error."""
+    return exit_on_user_error(main, parse_args(description))
+
+
+def exit_on_user_error(main, *args):
+    """main(*args), with a UserError printed as one `error: ...` line on stderr and exit status 2, with no traceback
+    (TPP_DEBUG=1 shows it); any other exception is a bug and keeps its traceback."""
     try:
-        return main(args)
+        return main(*args)
     except UserError as e:
         if os.environ.get('TPP_DEBUG') == '1':
             raise
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def check_writable(path, key):
+    """Refuse a folder that cannot be made or written (read-only, under a file) before a stage writes anything."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f'{key}: {path} cannot be made: {existing} is a file, not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f'{key}: {path} cannot be written ({existing} is read-only for this user): choose '
+                          f'another folder')
+
+
+def preflight(cfg):
+    """What the schema cannot see, checked before a stage writes anything: the run and cache folders can be written,
+    run.device exists and run.amp suits it."""
+    check_writable(cfg['run']['out_dir'], 'run.out_dir')
+    check_writable(cfg['run']['cache_dir'], 'run.cache_dir')
+    _pick_amp(cfg['run']['amp'], pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0))))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,6 +180,9 @@ def pick_device(name, local_rank):
         name = f'cuda:{local_rank}'
     if name.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError(f'run.device: {name} requested but CUDA is not available (use auto or cpu)')
+    if name.startswith('cuda') and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f'run.device: {name} requested but there are {torch.cuda.device_count()} CUDA devices '
+                          f'(cuda:0 to cuda:{torch.cuda.device_count() - 1})')
     device = torch.device(name)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
@@ -171,10 +197,7 @@ def _pick_amp(amp, device):
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if amp == 'fp16' and device.type != 'cuda':
         raise ConfigError('run.amp: fp16 needs CUDA; on CPU use bf16 or off')
-    choices = {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-    if amp not in choices:
-        raise ConfigError(f"run.amp: '{amp}' is not one of auto, off, bf16, fp16")
-    return choices[amp]
+    return {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]   # config.SCHEMA: one of these
 
 
 def seed_everything(seed):

@@ -32,8 +32,6 @@ import lora
 import models
 import pretrain_backbone
 
-INITS = ('tpp', 'random', 'full', 'linear', 'linear_tpp')
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Losses and metrics
@@ -177,7 +175,7 @@ def build_model(cfg, run, backbone_path, num_classes, init, source):
     backbone = models.build_backbone(cfg)
     run.log(pretrain_backbone.load_checkpoint(backbone, backbone_path))
     fingerprint = lora.backbone_fingerprint(backbone)
-    if init in ('tpp', 'random', 'linear_tpp'):
+    if init in config.TARGET_INITS:
         lora.inject(backbone, cfg['peft'])                         # the same target modules as stage 1
     if init in ('tpp', 'linear_tpp'):                              # --- TPP: start from the pre-trained targets
         path = cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
@@ -277,13 +275,13 @@ def save_predictions(run, preds, dataset, dcfg):
 
 
 def main(args):
-    cfg = config.load_config(args.config, args.set)
+    cfg = config.load_config(args.config, args.set, stage=2)
     fcfg, dcfg = cfg['finetune'], cfg['data']
     task, init = fcfg['task'], fcfg['init']
-    if init not in INITS:
-        raise config.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
-    if task not in ('classification', 'segmentation'):
-        raise config.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
+    engine.preflight(cfg)
+    models.build_head(cfg, num_classes=2)                          # the model's shape rules (depth, patch size)
+    if init in config.TARGET_INITS:
+        lora.check_layers(cfg)
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError, UserError
-from models import is_decoder_key
+from models import build_backbone, is_decoder_key
 
 
 class Target(nn.Module):
@@ -168,6 +168,13 @@ def _lora_slices(name, layer, qv_only):
     return [(0, d), (2 * d, 3 * d)]                                            # q and v; k stays untouched
 
 
+def check_layers(cfg):
+    """Insert the configured targets into the configured encoder built on the meta device (shapes only, no memory):
+    a peft.lora.layers pattern that matches no layer is refused before anything runs."""
+    with torch.device('meta'):
+        inject(build_backbone(cfg), cfg['peft'])
+
+
 def inject(model, peft):
     """Insert the configured targets (the `peft:` config section) into `model.blocks`, the encoder, and nowhere else
     (prompts go to the encoder's `prompt` slot): the MAE decoder has `attn.qkv` layers too and must never receive
@@ -190,8 +197,6 @@ def inject(model, peft):
                     attr, LoRALinear(layer, lora['r'], lora['alpha'], lora['dropout'], slices))
                 added += 1
     if adapter['kind'] != 'none':
-        if adapter['kind'] not in ('parallel', 'sequential'):
-            raise ConfigError(f"peft.adapter.kind: '{adapter['kind']}' is not one of none, parallel, sequential")
         for blk in model.blocks:
             dim = blk.norm1.normalized_shape[0]
             make = lambda: Adapter(dim, adapter['dim'], adapter['scale'], adapter['kind']).to(blk.norm1.weight.device)

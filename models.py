@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import ConfigError
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Fixed 2D sin-cos position embedding (the official MAE table)
@@ -355,8 +357,6 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, embed_dim, num_classes, pool='cls'):
         super().__init__()
-        if pool not in ('cls', 'mean'):
-            raise ValueError(f"finetune.pool must be 'cls' or 'mean', got {pool!r}")
         self.pool = pool
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool == 'mean' else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes)
@@ -404,10 +404,10 @@ class SegmentationHead(nn.Module):
     def __init__(self, embed_dim, patch_size, in_chans, num_classes, depth, channels=(64, 32, 16)):
         super().__init__()
         if patch_size < 4 or patch_size & (patch_size - 1):
-            raise ValueError(f'the segmentation decoder needs a power-of-two patch size >= 4, model.patch_size is '
-                             f'{patch_size}')
+            raise ConfigError(f'the segmentation decoder needs a power-of-two patch size >= 4, model.patch_size is '
+                              f'{patch_size}')
         if depth < 4:
-            raise ValueError(f'the segmentation decoder reads 4 blocks: model.depth is {depth}, use 4 or more')
+            raise ConfigError(f'the segmentation decoder reads 4 blocks: model.depth is {depth}, use 4 or more')
         self.patch_size = patch_size
         self.block_ids = [depth * (i + 1) // 4 - 1 for i in range(4)]
         num_stages = int(math.log2(patch_size))
@@ -472,22 +472,21 @@ _VIT_ARGS = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_he
 
 
 def vit_kwargs(model_cfg):
-    """Config `model:` section -> VisionTransformer kwargs: the preset's sizes, then every non-null key."""
+    """Config `model:` section -> VisionTransformer kwargs: the preset's sizes, then every non-null key. The preset
+    name and each value's range are config.SCHEMA's; the rules between the resolved sizes are checked here."""
     cfg = dict(model_cfg)
     preset = cfg.pop('preset', None)
-    unknown = sorted(set(cfg) - set(_VIT_ARGS))
-    if unknown:
-        raise ValueError(f'unknown model keys {unknown}; valid: preset, {", ".join(_VIT_ARGS)}')
-    if preset is None:
-        kwargs = {}
-    elif preset in PRESETS:
-        kwargs = {**_PRESET_DEFAULTS, **PRESETS[preset]}
-    else:
-        raise ValueError(f'model.preset {preset!r} is unknown; valid: {", ".join(PRESETS)} or null')
+    kwargs = {**_PRESET_DEFAULTS, **PRESETS[preset]} if preset else {}
     kwargs.update({k: v for k, v in cfg.items() if v is not None})
     lacking = [k for k in _VIT_ARGS if k not in kwargs]
     if lacking:
-        raise ValueError(f'model.preset is null: give every size, missing {", ".join("model." + k for k in lacking)}')
+        raise ConfigError(f'model.preset is null: give every size, missing {", ".join("model." + k for k in lacking)}')
+    if kwargs['img_size'] % kwargs['patch_size']:
+        raise ConfigError(f"model.img_size {kwargs['img_size']} is not a multiple of model.patch_size "
+                          f"{kwargs['patch_size']}")
+    if kwargs['embed_dim'] % math.lcm(4, kwargs['num_heads']):
+        raise ConfigError(f"model.embed_dim {kwargs['embed_dim']} must be a multiple of 4 (the sin-cos position table) "
+                          f"and of model.num_heads {kwargs['num_heads']}")
     return kwargs
 
 
@@ -509,7 +508,5 @@ def build_head(cfg, num_classes):
     ft, kw = cfg['finetune'], vit_kwargs(cfg['model'])
     if ft['task'] == 'classification':
         return ClassificationHead(kw['embed_dim'], num_classes, ft['pool'])
-    if ft['task'] == 'segmentation':
-        return SegmentationHead(kw['embed_dim'], kw['patch_size'], kw['in_chans'], num_classes, kw['depth'],
-                                tuple(ft['seg_channels']))
-    raise ValueError(f"finetune.task must be 'segmentation' or 'classification', got {ft['task']!r}")
+    return SegmentationHead(kw['embed_dim'], kw['patch_size'], kw['in_chans'], num_classes, kw['depth'],
+                            tuple(ft['seg_channels']))

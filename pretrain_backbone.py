@@ -246,7 +246,8 @@ def load_checkpoint(model, ckpt, need_decoder=False):
 
 
 def main(args):
-    cfg = config.load_config(args.config, args.set)
+    cfg = config.load_config(args.config, args.set, stage=0)
+    engine.preflight(cfg)
     path = resolve(cfg)
     print(f'backbone: {path}', flush=True)
     return path

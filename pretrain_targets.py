@@ -107,15 +107,13 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
 
 
 def main(args):
-    cfg = config.load_config(args.config, args.set)
+    cfg = config.load_config(args.config, args.set, stage=1)
     pcfg, dcfg = cfg['pretrain'], cfg['data']
-    if pcfg['pretext'] not in ('mae', 'dino') or cfg['dino']['views'] < 2:
-        raise config.ConfigError(f"pretrain.pretext: {pcfg['pretext']!r} must be mae or dino (dino: dino.views >= 2)")
     dino = pcfg['pretext'] == 'dino'
-    if pcfg['decoder_warmup_steps'] and (dino or not pcfg['train_decoder']):
-        raise config.ConfigError('pretrain.decoder_warmup_steps: only for pretext mae with train_decoder: true')
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
+    engine.preflight(cfg)
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
+    lora.check_layers(cfg)
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     run = engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth')   # the folder is made when training starts
     run.log(f"data.intensity {info['intensity']}")

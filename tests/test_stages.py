@@ -221,10 +221,14 @@ def test_everything_checkable_is_checked_before_stage0_and_the_run_folder(tmp_pa
     cfg = tiny_config(tmp_path, cache)
     with monkeypatch.context() as m:
         m.setattr(pretrain_targets, 'resolve', lambda cfg: pytest.fail('stage 0 ran before the checks'))
-        with pytest.raises(data.DataError, match='data.root'):
-            pretrain_targets.main(args(cfg, 'data.layout=msd'))
-        with pytest.raises(ValueError, match=r'4 blocks: model.depth is 3'):      # stage 2's segmentation head
-            pretrain_targets.main(args(cfg, 'model.depth=3'))
+        m.setattr(pretrain_backbone, 'resolve', lambda cfg: pytest.fail('stage 0 ran before the checks'))
+        for main in (pretrain_targets.main, finetune.main):
+            with pytest.raises(data.DataError, match='imagesTr: folder not found'):
+                main(args(cfg, 'data.layout=msd', f'data.root={tmp_path}'))
+            with pytest.raises(config.ConfigError, match=r'4 blocks: model.depth is 3'):   # stage 2's segmentation head
+                main(args(cfg, 'model.depth=3'))
+            with pytest.raises(config.ConfigError, match=r"peft.lora.layers: 'qkvv' matches no linear layer"):
+                main(args(cfg, 'peft.lora.layers=[qkvv]'))
     with pytest.raises(config.ConfigError, match='finetune.targets'):
         finetune.main(args(cfg, f'finetune.targets={tmp_path}/none.pth'))
     mae = models.build_mae(config.load_config(cfg))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+import config
 from conftest import tiny_config
 from tools import study
 
@@ -134,7 +135,7 @@ def test_second_invocation_resumes(quick, capsys, crash_after_checkpoint):
     assert after[victim['name']]['val_curve'] == victim['val_curve']
 
     # a finished run made with other settings is never silently mixed in
-    with pytest.raises(SystemExit, match='another config'):
+    with pytest.raises(config.UserError, match='another config'):
         study.main(study.parse_args(argv[:-1] + ['finetune.epochs=3']))
 
 

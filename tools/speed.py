@@ -516,4 +516,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    engine.exit_on_user_error(main)

@@ -147,11 +147,11 @@ def select(args):
     if args.methods:
         m['methods'] = args.methods.split(',')
         if not set(m['methods']) <= set(METHODS):
-            raise SystemExit(f"--methods: {args.methods} is not a list of {', '.join(METHODS)}")
+            raise config.UserError(f"--methods: {args.methods} is not a list of {', '.join(METHODS)}")
     for pair in m['pairs']:
         if len(pair) != 2 or pair[0] not in DATASETS or pair[1] not in SHORT:
-            raise SystemExit(f"--pairs: '{':'.join(pair)}' is not data:task with data one of {', '.join(DATASETS)} "
-                             f"and task classification or segmentation")
+            raise config.UserError(f"--pairs: '{':'.join(pair)}' is not data:task with data one of "
+                                   f"{', '.join(DATASETS)} and task classification or segmentation")
     return m
 
 
@@ -277,8 +277,8 @@ def execute(run, config_path, sets, verbose, keep=False):
         ignore = 'finetune' if run['stage'] == 1 else 'pretrain'   # what the stage does not read
         diff = stale_keys(*({k: v for k, v in _plain(c).items() if k != ignore} for c in (saved, cfg)))
         if diff:
-            raise SystemExit(f'{folder} was run with another config ({"; ".join(diff[:4])}): use another --out, '
-                             f'or delete the folder to re-run it')
+            raise config.UserError(f'{folder} was run with another config ({"; ".join(diff[:4])}): use another '
+                                   f'--out, or delete the folder to re-run it')
         return 'done'
     stage1 = folder.parent / stage1_name(run['dataset'], run['method'], run.get('variant') or 'x1')
     if run.get('variant') and run['stage'] == 2 and (stage1 / 'failed.json').is_file():   # no targets to start from
@@ -687,4 +687,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    engine.exit_on_user_error(main, parse_args())
