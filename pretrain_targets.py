@@ -136,9 +136,8 @@ def main(args):
         counts = insert_targets(model, cfg)
         head = ' + DINO head' if dino else ' + decoder' if pcfg['train_decoder'] else ''
         run.log(f"parameters: total {counts['total']:,} | targets {counts['targets']:,} "
-                f"({counts['targets_pct']:.2f}%) | "
-                f"trainable {counts['trainable']:,} (targets{head}) | pretext {pcfg['pretext']} | "
-                f'{len(dataset)} training slices from {len(train_cases)} cases')
+                f"({counts['targets_pct']:.2f}%) | trainable {counts['trainable']:,} (targets{head}) | "
+                f"pretext {pcfg['pretext']} | {len(dataset)} training slices from {len(train_cases)} cases")
 
         # --- TPP: the pretext task on the downstream images
         warm = pcfg['decoder_warmup_steps']          # the decoder trains for these steps, then only the targets adapt
