@@ -2,9 +2,11 @@
 data loaders, AdamW with warm-up + cosine, the one training loop, atomic checkpoints and exact resume, progress lines,
 TensorBoard and torchrun. Nothing here knows about TPP; the two stage scripts hold the method."""
 import argparse
+import errno
 import math
 import os
 import random
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -23,7 +25,8 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 class RunFolderError(UserError):
-    """A run folder that cannot be used as asked (finished, missing, taken, damaged); the message says the way out."""
+    """A run folder that cannot be used as asked (not tpp's, another stage's, in use, finished, missing, damaged,
+    full disk); the message says the way out."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -44,12 +47,15 @@ def cli(main, description):
 
 def exit_on_user_error(main, *args):
     """main(*args), with a UserError printed as one `error: ...` line on stderr and exit status 2, with no traceback
-    (TPP_DEBUG=1 shows it); any other exception is a bug and keeps its traceback."""
+    (TPP_DEBUG=1 shows it); Ctrl-C exits with status 130 after the run's line on how to continue; any other exception
+    is a bug and keeps its traceback."""
     try:
         return main(*args)
-    except UserError as e:
+    except (UserError, KeyboardInterrupt) as e:
         if os.environ.get('TPP_DEBUG') == '1':
             raise
+        if isinstance(e, KeyboardInterrupt):
+            sys.exit(130)
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -77,54 +83,151 @@ def preflight(cfg):
 # A run: its folder, device, precision, process group, logging
 
 FIXED_ON_RESUME = ('model', 'mae', 'peft', 'backbone', 'data')   # what a resumed run must share with its start
+MARKER = '.tpp-run'   # written when tpp makes a run folder; holds the stage that made it
+LOCK = '.lock'        # "<pid> <host>" of the process writing the folder, while it runs
+RESUME_KEYS = ('model', 'optimizer', 'scaler', 'rng', 'epoch', 'step', 'best', 'history')   # of checkpoint.pth
+
+
+def run_name(key, name):
+    """The run folder name given by config key `key`, checked before anything runs: one plain folder name inside
+    run.out_dir (empty, '.', '..' or a path would write into or beside out_dir)."""
+    if not isinstance(name, str) or name.strip() in ('', '.', '..') or any(c in name for c in '/\\\0'):
+        raise ConfigError(f'{key}: {name!r} is not a run folder name: use a plain folder name (not empty, . or .., '
+                          f'no /): the run folder is <run.out_dir>/<name>')
+    return name
 
 
 class Run:
     """One training run: `<run.out_dir>/<name>`, the device and AMP dtype, the torchrun rank, log and TensorBoard.
+    Use it as `with Run(...) as run:`; leaving the block (also by an error or Ctrl-C) releases the folder.
     Making one only checks; the folder is made by start() when training starts (train calls it), so a stage that
-    fails its own checks first (data, checkpoints, targets) leaves nothing behind. A folder with no checkpoint.pth
-    (stopped before its first epoch ended) is reused; one with a checkpoint is only continued with --resume, which
-    refuses a changed `fixed` section; one holding `result` (what the finished stage writes) is never touched again.
-    Under torchrun every rank makes one; only rank 0 writes the folder (log, TensorBoard, checkpoints)."""
+    fails its own checks first (data, checkpoints, targets) leaves nothing behind. tpp writes only into folders it
+    made (MARKER names the stage: another stage's folder is refused) and one process at a time (LOCK). A folder with
+    no checkpoint.pth (stopped before its first epoch ended) is reused; one with a checkpoint is only continued with
+    --resume, which refuses a changed `fixed` section; one holding `result` (what the finished stage writes last) is
+    never touched again. Under torchrun every rank makes one; only rank 0 writes the folder (log, TensorBoard,
+    checkpoints) and holds its lock."""
 
-    def __init__(self, cfg, name, resume=False, result=None, fixed=FIXED_ON_RESUME):
-        self.cfg, self.resume, self.started, self._unwritten = cfg, resume, False, []
+    def __init__(self, cfg, name, resume=False, result=None, fixed=FIXED_ON_RESUME, stage='run',
+                 resumed_by='the same command with --resume'):
+        self.cfg, self.resume, self.result, self.stage, self.resumed_by = cfg, resume, result, stage, resumed_by
+        self.started, self.locked, self._unwritten, self.writer = False, False, [], None
         self.device = pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0)))
         self.rank, self.world = _init_distributed(self.device)
         self.amp = _pick_amp(cfg['run']['amp'], self.device)
         self.dir = Path(cfg['run']['out_dir']) / name
-        self.checkpoint = self.dir / 'checkpoint.pth'
-        if result and (self.dir / result).is_file():
-            raise RunFolderError(f'{self.dir} is a finished run ({result} written) and runs are never overwritten: '
-                                  f'choose another name (--set <stage>.name=...) or delete it')
-        if resume and not self.checkpoint.is_file():
-            raise RunFolderError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
-        if not resume and self.checkpoint.is_file():
-            raise RunFolderError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
-                                  f'it, choose another name (--set <stage>.name=...), or delete it')
+        self.checkpoint, self.lock = self.dir / 'checkpoint.pth', self.dir / LOCK
+        named_by = f'{stage}.name' if isinstance(cfg.get(stage), dict) and 'name' in cfg[stage] else None
+        self.rename = f'choose another name (--set {named_by}=...)' if named_by else 'choose another name'
+        self._check_folder()
         if resume:   # before anything is written: a changed setting would silently mix two runs
-            saved = read_yaml(self.dir / 'config.yaml')
+            saved = self._saved_config()
             changed = [k for section in fixed for k in _changed(saved.get(section), cfg[section], section)]
             if changed:
                 raise ConfigError(f"--resume: {', '.join(changed)} differs from {self.dir / 'config.yaml'}: resume "
                                   f'with the settings the run started with, or start a new run (another name)')
+        self.resume_state = self._read_checkpoint() if resume else None   # train() takes it
         seed_everything(cfg['run']['seed'] + self.rank)   # ranks differ in masking/dropout noise, not in data order
-        self.writer = None
         self.log(f'run folder {self.dir} | device {self.device} | amp {self.amp or "off"} | processes {self.world}')
 
+    def _check_folder(self):
+        """Refuse a folder this run must not write: not made by tpp, made by another stage, in use by another
+        process, finished, or holding a checkpoint without --resume (none with it)."""
+        marker = self.dir / MARKER
+        if self.dir.exists() and not marker.is_file() and (not self.dir.is_dir() or
+                                                            any(p.name != LOCK for p in self.dir.iterdir())):
+            raise RunFolderError(f'{self.dir} exists and is not a tpp run folder (no {MARKER} in it): tpp never writes '
+                                 f'into it; {self.rename} or another run.out_dir')
+        made_by = marker.read_text().strip() if marker.is_file() else self.stage
+        if made_by != self.stage:
+            raise RunFolderError(f'{self.dir} is a {made_by} run folder and a {self.stage} run never writes into it: '
+                                 f'{self.rename}')
+        if self.main and not self.locked:
+            self._stale_lock()
+        if self.result and (self.dir / self.result).is_file():
+            raise RunFolderError(f'{self.dir} is a finished run ({self.result} written) and runs are never '
+                                 f'overwritten: {self.rename} or delete it')
+        if self.resume and not self.checkpoint.is_file():
+            raise RunFolderError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
+        if not self.resume and self.checkpoint.is_file():
+            raise RunFolderError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
+                                 f'it, {self.rename}, or delete it')
+
+    def _stale_lock(self):
+        """The lock's text when it is stale (its process is gone from this host), None when there is none; a lock
+        of a live process, of another host or unreadable refuses."""
+        try:
+            held = self.lock.read_text().strip()
+        except FileNotFoundError:
+            return None
+        pid, _, host = held.partition(' ')
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            return held
+        raise RunFolderError(f'{self.dir} is in use by process {pid or "?"} on {host or "?"} (lock {self.lock}): '
+                             f'wait until that run ends, or {self.rename}; if no such process runs, delete the lock')
+
+    def _take_lock(self):
+        """Hold the folder: LOCK made atomically (O_EXCL: of two processes one gets it). A stale one is taken over."""
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                stale = self._stale_lock()
+                if stale:
+                    self.log(f'{self.lock}: stale lock of process {stale} (no such process): taken over')
+                    self.lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(f'{os.getpid()} {socket.gethostname()}\n')
+            self.locked = True
+            return
+
+    def _no_resume(self, why):
+        return RunFolderError(f'--resume: {why}. tpp keeps one resume state per run (best.pth is not one): put back '
+                              f'a copy of the folder if you kept one, else start again: {self.rename}, or delete '
+                              f'{self.dir}')
+
+    def _saved_config(self):
+        path = self.dir / 'config.yaml'
+        try:
+            saved = read_yaml(path)
+        except ConfigError as e:   # names the file
+            raise self._no_resume(e) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise self._no_resume(f'{path} cannot be read ({e})') from None
+        if not isinstance(saved, dict):
+            raise self._no_resume(f'{path} is not a config (a mapping of sections)')
+        return saved
+
+    def _read_checkpoint(self):
+        """The resume state, read on the CPU (RNG states stay CPU tensors); a damaged file refuses, naming it."""
+        try:
+            ckpt = torch.load(self.checkpoint, map_location='cpu', weights_only=False)
+        except Exception as e:   # a damaged pickle can raise nearly anything; none of it is resumable
+            raise self._no_resume(f'{self.checkpoint} is damaged (empty, truncated or not a checkpoint: '
+                                  f'{type(e).__name__}: {str(e)[:120]})') from None
+        missing = [k for k in RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(RESUME_KEYS)
+        if missing:
+            raise self._no_resume(f'{self.checkpoint} is not a resume state (no {", ".join(missing)})')
+        return ckpt
+
     def start(self):
-        """Make (or continue) the run folder, once every check has passed: config.yaml, TensorBoard, the log so far."""
+        """Make (or continue) the run folder, once every check has passed: lock it, then write the marker,
+        config.yaml, TensorBoard and the log so far."""
         if self.started:
             return
-        self.started = True
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / 'config.yaml.tmp').write_text(yaml.safe_dump(self.cfg, sort_keys=False))
-            os.replace(self.dir / 'config.yaml.tmp', self.dir / 'config.yaml')
+            self._take_lock()
+            self._check_folder()   # again, holding the lock: another process may have finished the run meanwhile
+            if not (self.dir / MARKER).is_file():
+                atomic_write(self.stage + '\n', self.dir / MARKER)
+            atomic_write(yaml.safe_dump(self.cfg, sort_keys=False), self.dir / 'config.yaml')
             from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 writes
-            start = torch.load(self.checkpoint, map_location='cpu', weights_only=False)['step'] if self.resume else 0
+            start = self.resume_state['step'] if self.resume else 0
             self.writer = SummaryWriter(self.dir / 'tensorboard', purge_step=start)  # resume drops events after it
-            self.log()
+        self.started = True
+        self.log()
         self.barrier()
 
     @property
@@ -151,8 +254,40 @@ class Run:
 
     def close(self):
         self.barrier()                  # every rank leaves together: rank 0 may still be writing the run's files
+        self._release()
+
+    def _release(self):
         if self.writer:
             self.writer.close()
+            self.writer = None
+        if self.locked:
+            self.lock.unlink(missing_ok=True)
+            self.locked = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """The end of the run: close it; after an error release the folder at once (no waiting for other ranks)."""
+        if kind is None:
+            self.close()
+            return
+        if issubclass(kind, KeyboardInterrupt) and self.started:
+            self.log(f'interrupted: {self.resumed_by} continues the run from {self.checkpoint}'
+                     if self.checkpoint.is_file() else 'interrupted before the first checkpoint: run the same '
+                     'command again to start over')
+        self._release()
+
+
+def _alive(pid):
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        pass
+    return True
 
 
 def _changed(saved, now, key):
@@ -287,11 +422,30 @@ def scaled_lr(run, ocfg):
 # Checkpoints
 
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint behind."""
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint behind."""
+    _atomic(path, lambda f: torch.save(obj, f))   # a file object: a full disk is an OSError with its errno
+
+
+def atomic_write(text, path):
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def _atomic(path, write):
+    """write(file) into `path` + '.tmp', then rename over `path`. On failure the temporary file is removed and the
+    previous `path` is kept; a full disk is a RunFolderError."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunFolderError(f'{path}: not written, the disk is full ({e.strerror}); the previous {path.name}, '
+                                 f'if any, is kept. Free space, then run the same command again (with --resume if '
+                                 f'the run has a checkpoint.pth)') from None
+        raise
 
 
 def trainable_state(model, trained):
@@ -302,13 +456,14 @@ def trainable_state(model, trained):
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
-def load_trainable_state(model, sd):
+def load_trainable_state(model, sd, source='checkpoint'):
     """Load loosely, then check precisely (as MAE does): only frozen parameters may be missing."""
     missing, unexpected = model.load_state_dict(sd, strict=False)
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}   # shared too
     wrong = sorted(set(missing) - frozen) + sorted(unexpected)
     if wrong:
-        raise RunFolderError(f'checkpoint does not fit the model: missing or unexpected {wrong[:6]}')
+        raise RunFolderError(f'{source} does not fit the model (another model, init or PEFT setting): missing or '
+                             f'unexpected {wrong[:6]}')
 
 
 def _rng_state(loader, device):
@@ -364,8 +519,8 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
     total, warmup = epochs * per_epoch, ocfg['warmup_epochs'] * per_epoch
     epoch0, step, best, history = 0, 0, -math.inf, []
     if run.resume:
-        ckpt = torch.load(run.checkpoint, map_location='cpu', weights_only=False)   # RNG states stay CPU tensors
-        load_trainable_state(model, ckpt['model'])
+        ckpt, run.resume_state = run.resume_state, None   # read (and checked) when the run was made; freed here
+        load_trainable_state(model, ckpt['model'], run.checkpoint)
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         rng = ckpt['rng'] if isinstance(ckpt['rng'], list) else [ckpt['rng']]   # one state per rank

@@ -282,6 +282,7 @@ def main(args):
     models.build_head(cfg, num_classes=2)                          # the model's shape rules (depth, patch size)
     if init in config.TARGET_INITS:
         lora.check_layers(cfg)
+    name = engine.run_name('finetune.name', f'finetune-{task}-{init}' if fcfg['name'] is None else fcfg['name'])
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
@@ -292,44 +293,46 @@ def main(args):
     sets = {s: data.SliceDataset(splits[s], dcfg, arch['img_size'], arch['in_chans'], task, train=s == 'labelled')
             for s in ('labelled', 'val', 'test')}
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
-    run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
-    run.log(f"data.intensity {info['intensity']}")
-    for line in data.warning_lines(info['warnings']):
-        run.log(line)
-    start = time.time()
-    run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
-            f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
-    model, counts = build_model(cfg, run, backbone_path, num_classes, init, data.describe(info, splits['train']))
+    with engine.Run(cfg, name, args.resume, result='metrics.json', stage='finetune') as run:
+        run.log(f"data.intensity {info['intensity']}")
+        for line in data.warning_lines(info['warnings']):
+            run.log(line)
+        start = time.time()
+        run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
+                f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
+        model, counts = build_model(cfg, run, backbone_path, num_classes, init,
+                                    data.describe(info, splits['train']))
 
-    loader = engine.make_loader(run, sets['labelled'], fcfg['batch_size'], train=True)
-    val_loader, test_loader = (engine.make_loader(run, sets[s], fcfg['batch_size'], train=False) for s in ('val', 'test'))
-    if task == 'classification':
-        loss_fn = lambda net, batch: F.cross_entropy(net(batch['image']).float(), batch['label'])
-    else:
-        loss_fn = lambda net, batch: seg_loss(net(batch['image']), batch['mask'])
-    result = engine.train(run, model, loader, loss_fn, fcfg, tag='finetune',
-                          evaluate=lambda m: evaluate(run, m, val_loader, task, num_classes))
+        loader = engine.make_loader(run, sets['labelled'], fcfg['batch_size'], train=True)
+        val_loader, test_loader = (engine.make_loader(run, sets[s], fcfg['batch_size'], train=False)
+                                   for s in ('val', 'test'))
+        if task == 'classification':
+            loss_fn = lambda net, batch: F.cross_entropy(net(batch['image']).float(), batch['label'])
+        else:
+            loss_fn = lambda net, batch: seg_loss(net(batch['image']), batch['mask'])
+        result = engine.train(run, model, loader, loss_fn, fcfg, tag='finetune',
+                              evaluate=lambda m: evaluate(run, m, val_loader, task, num_classes))
 
-    best = torch.load(run.dir / 'best.pth', map_location=run.device, weights_only=False)
-    engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
-    test_preds = predict(run, model, test_loader, task, native=True)   # every rank its share; Dice on the own grid
-    test = score(test_preds, test_loader.dataset, task, num_classes, native=True)
-    if fcfg['save_predictions'] and task == 'segmentation':
-        save_predictions(run, test_preds, test_loader.dataset, dcfg)   # the labels that test scored; rank 0 writes
-    if run.main:
-        metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
-                   'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
-                   'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed']}
-        with open(run.dir / 'metrics.json', 'w') as f:
-            json.dump(metrics, f, indent=1)
-        for k, v in test.items():
-            run.writer.add_scalar(f'test/{k}', v, result['steps'])
-        save_inference_model(run, model, cfg, num_classes)
-        shown = {k: round(v, 4) for k, v in test.items() if k != 'score'}
-        saved = f' | predicted masks: {run.dir}/predictions' if fcfg['save_predictions'] and task == 'segmentation' else ''
-        run.log(f'test (best epoch {best["epoch"]}): {shown}\nresults: {run.dir}/metrics.json | model: '
-                f'{run.dir}/model.pth{saved} | TensorBoard: {run.dir}/tensorboard')
-    run.close()
+        best = torch.load(run.dir / 'best.pth', map_location=run.device, weights_only=False)
+        engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
+        test_preds = predict(run, model, test_loader, task, native=True)   # every rank its share; Dice on the own grid
+        test = score(test_preds, test_loader.dataset, task, num_classes, native=True)
+        if fcfg['save_predictions'] and task == 'segmentation':
+            save_predictions(run, test_preds, test_loader.dataset, dcfg)   # the labels test scored; rank 0 writes
+        if run.main:
+            save_inference_model(run, model, cfg, num_classes)
+            metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
+                       'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
+                       'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed']}
+            # last: metrics.json marks the run finished (a failure before it leaves a run that --resume completes)
+            engine.atomic_write(json.dumps(metrics, indent=1), run.dir / 'metrics.json')
+            for k, v in test.items():
+                run.writer.add_scalar(f'test/{k}', v, result['steps'])
+            shown = {k: round(v, 4) for k, v in test.items() if k != 'score'}
+            saved = (f' | predicted masks: {run.dir}/predictions' if fcfg['save_predictions'] and task == 'segmentation'
+                     else '')
+            run.log(f'test (best epoch {best["epoch"]}): {shown}\nresults: {run.dir}/metrics.json | model: '
+                    f'{run.dir}/model.pth{saved} | TensorBoard: {run.dir}/tensorboard')
     return run.dir
 
 

@@ -88,16 +88,16 @@ def pretrain(cfg, path, recipe):
     boot_cfg['run']['out_dir'] = str(path.parent.parent)
     boot_cfg['run']['seed'] = boot['seed']                     # the backbone does not change with the run's seed
     resume = (path.parent / 'checkpoint.pth').is_file()        # an interrupted bootstrap continues where it stopped
-    run = engine.Run(boot_cfg, path.parent.name, resume, fixed=())   # the folder's name is its recipe's hash
-    run.log(f'no backbone.checkpoint configured: pre-training the embedded default backbone with MAE on '
-            f'{boot["images"]} synthetic upstream images (once; cached as {path})')
-    mae = models.build_mae(cfg).to(run.device)
-    lora.mark_trainable(mae, extra=[p for p in mae.parameters() if p.requires_grad])  # all but the fixed pos embeds
-    train_mae(run, mae, upstream_dataset(cfg), boot, tag='bootstrap')
-    if run.main:
-        engine.atomic_save({'model': mae.state_dict(), 'recipe': recipe}, path)
-    run.barrier()
-    run.close()
+    # the folder's name is its recipe's hash
+    with engine.Run(boot_cfg, path.parent.name, resume, fixed=(), stage='bootstrap',
+                    resumed_by='the same command (stage 0 resumes by itself)') as run:
+        run.log(f'no backbone.checkpoint configured: pre-training the embedded default backbone with MAE on '
+                f'{boot["images"]} synthetic upstream images (once; cached as {path})')
+        mae = models.build_mae(cfg).to(run.device)
+        lora.mark_trainable(mae, extra=[p for p in mae.parameters() if p.requires_grad])  # all but the fixed pos embeds
+        train_mae(run, mae, upstream_dataset(cfg), boot, tag='bootstrap')
+        if run.main:
+            engine.atomic_save({'model': mae.state_dict(), 'recipe': recipe}, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

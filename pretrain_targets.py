@@ -109,58 +109,62 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
 def main(args):
     cfg = config.load_config(args.config, args.set, stage=1)
     pcfg, dcfg = cfg['pretrain'], cfg['data']
+    name = engine.run_name('pretrain.name', pcfg['name'])
     dino = pcfg['pretext'] == 'dino'
     engine.preflight(cfg)
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     lora.check_layers(cfg)
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
-    run = engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth')   # the folder is made when training starts
-    run.log(f"data.intensity {info['intensity']}")
-    for line in data.warning_lines(info['warnings']):
-        run.log(line)
-    train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
-    arch = models.vit_kwargs(cfg['model'])
-    size, chans = arch['img_size'], arch['in_chans']
-    dataset = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=True)
+    # the run folder is made when training starts
+    with engine.Run(cfg, name, args.resume, result='targets.pth', stage='pretrain') as run:
+        run.log(f"data.intensity {info['intensity']}")
+        for line in data.warning_lines(info['warnings']):
+            run.log(line)
+        train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
+        arch = models.vit_kwargs(cfg['model'])
+        size, chans = arch['img_size'], arch['in_chans']
+        dataset = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=True)
 
-    model = (models.build_dino(cfg) if dino else models.build_mae(cfg)).to(run.device)
-    encoder = model.backbone if dino else model                  # the ViT that takes the targets
-    run.log(load_checkpoint(encoder, backbone_path, need_decoder=not (dino or pcfg['train_decoder'])))   # (+ decoder)
-    fingerprint = lora.backbone_fingerprint(encoder)             # identifies the backbone the targets belong to
+        model = (models.build_dino(cfg) if dino else models.build_mae(cfg)).to(run.device)
+        encoder = model.backbone if dino else model                  # the ViT that takes the targets
+        need_decoder = not (dino or pcfg['train_decoder'])           # a frozen decoder must come with the backbone
+        run.log(load_checkpoint(encoder, backbone_path, need_decoder=need_decoder))
+        fingerprint = lora.backbone_fingerprint(encoder)             # identifies the backbone the targets belong to
 
-    # --- TPP: insert the targets into the encoder and freeze everything else explicitly
-    counts = insert_targets(model, cfg)
-    head = ' + DINO head' if dino else ' + decoder' if pcfg['train_decoder'] else ''
-    run.log(f"parameters: total {counts['total']:,} | targets {counts['targets']:,} ({counts['targets_pct']:.2f}%) | "
-            f"trainable {counts['trainable']:,} (targets{head}) | pretext {pcfg['pretext']} | "
-            f'{len(dataset)} training slices from {len(train_cases)} cases')
+        # --- TPP: insert the targets into the encoder and freeze everything else explicitly
+        counts = insert_targets(model, cfg)
+        head = ' + DINO head' if dino else ' + decoder' if pcfg['train_decoder'] else ''
+        run.log(f"parameters: total {counts['total']:,} | targets {counts['targets']:,} "
+                f"({counts['targets_pct']:.2f}%) | trainable {counts['trainable']:,} (targets{head}) | "
+                f"pretext {pcfg['pretext']} | {len(dataset)} training slices from {len(train_cases)} cases")
 
-    # --- TPP: the pretext task on the downstream images
-    warm = pcfg['decoder_warmup_steps']          # the decoder trains for these steps, then only the targets adapt
-    warm = (warm, trainable_decoder(model)) if warm else None
-    result = train_dino(run, model, dataset, cfg) if dino else train_mae(run, model, dataset, pcfg, 'pretrain', warm)
-    pretext = {'name': 'dino', **cfg['dino']} if dino else {'name': 'mae', 'mask_ratio': pcfg['mask_ratio'],
-               'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder'],
-               'decoder_warmup_steps': pcfg['decoder_warmup_steps']}
+        # --- TPP: the pretext task on the downstream images
+        warm = pcfg['decoder_warmup_steps']          # the decoder trains for these steps, then only the targets adapt
+        warm = (warm, trainable_decoder(model)) if warm else None
+        result = (train_dino(run, model, dataset, cfg) if dino
+                  else train_mae(run, model, dataset, pcfg, 'pretrain', warm))
+        pretext = {'name': 'dino', **cfg['dino']} if dino else {'name': 'mae', 'mask_ratio': pcfg['mask_ratio'],
+                   'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder'],
+                   'decoder_warmup_steps': pcfg['decoder_warmup_steps']}
 
-    # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
-    meta = {'arch': arch, 'peft': lora.structure(encoder), 'backbone': fingerprint,
-            'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
-            'final_loss': result['history'][-1]['train_loss'],
-            'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']},
-            'data': data.describe(info, train_cases)}                   # stage 2 warns when it fine-tunes on other data
-    targets_path = run.dir / 'targets.pth'
-    if run.main:
-        engine.atomic_save({'targets': lora.target_state_dict(encoder), 'meta': meta}, targets_path)
-        if not dino:
-            grid = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=False)
-            images = torch.stack([grid[i]['image'] for i in range(min(pcfg['grid_images'], len(grid)))])
-            save_reconstructions(run, model, images.to(run.device), pcfg['mask_ratio'], dcfg)
-        run.log(f'targets: {targets_path} ({targets_path.stat().st_size / 2 ** 20:.2f} MiB; backbone '
-                f'{backbone_path.stat().st_size / 2 ** 20:.1f} MiB) | TensorBoard'
-                f'{"" if dino else " and reconstructions.png"}: {run.dir}')
-    run.close()
+        # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
+        meta = {'arch': arch, 'peft': lora.structure(encoder), 'backbone': fingerprint,
+                'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
+                'final_loss': result['history'][-1]['train_loss'],
+                'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']},
+                'data': data.describe(info, train_cases)}                   # stage 2 warns when it fine-tunes on other data
+        targets_path = run.dir / 'targets.pth'
+        if run.main:
+            if not dino:
+                grid = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=False)
+                images = torch.stack([grid[i]['image'] for i in range(min(pcfg['grid_images'], len(grid)))])
+                save_reconstructions(run, model, images.to(run.device), pcfg['mask_ratio'], dcfg)
+            # last: targets.pth marks the run finished (a failure before it leaves a run that --resume completes)
+            engine.atomic_save({'targets': lora.target_state_dict(encoder), 'meta': meta}, targets_path)
+            run.log(f'targets: {targets_path} ({targets_path.stat().st_size / 2 ** 20:.2f} MiB; backbone '
+                    f'{backbone_path.stat().st_size / 2 ** 20:.1f} MiB) | TensorBoard'
+                    f'{"" if dino else " and reconstructions.png"}: {run.dir}')
     return targets_path
 
 

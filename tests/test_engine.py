@@ -23,12 +23,13 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     engine.atomic_save({'a': 1}, path)
 
     def crash(obj, f):
-        open(f, 'wb').write(b'half')
+        f.write(b'half')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
         engine.atomic_save({'a': 2}, path)
     assert torch.load(path) == {'a': 1}                              # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ['ckpt.pth']      # and the half-written one is gone
 
 
 def tiny_run(tmp_path, name='run', resume=False, **run):
@@ -58,6 +59,7 @@ def test_run_folder_is_made_when_training_starts_and_never_overwritten(tmp_path)
 def test_resume_refuses_changed_settings_before_writing_anything(tmp_path):
     run = tiny_run(tmp_path)
     run.start()
+    run.close()
     (run.dir / 'checkpoint.pth').write_bytes(b'')
     saved = (run.dir / 'config.yaml').read_bytes()
     for key, value in [('peft.lora.r', 4), ('data.layout', 'synthetic_us'), ('model.depth', 3), ('backbone.checkpoint', 'x')]:
@@ -113,8 +115,8 @@ def test_best_pth_is_written_when_no_score_is_finite(tmp_path):
 def test_resume_reads_the_checkpoint_on_the_cpu_and_restores_the_random_states(tmp_path, monkeypatch):
     ocfg = {'epochs': 2, 'lr': 1e-3, 'weight_decay': 0.0, 'warmup_epochs': 0, 'clip_grad': None}
     loss_fn = lambda net, batch: net(batch['image']).pow(2).mean()
-    run = tiny_run(tmp_path, workers=1)
-    engine.train(run, torch.nn.Linear(2, 1), engine.make_loader(run, Toy(), 4, train=True), loss_fn, ocfg)
+    with tiny_run(tmp_path, workers=1) as run:
+        engine.train(run, torch.nn.Linear(2, 1), engine.make_loader(run, Toy(), 4, train=True), loss_fn, ocfg)
     saved = torch.load(run.checkpoint, weights_only=False)['rng']
     load, where = torch.load, []
 
@@ -170,10 +172,10 @@ def test_frozen_after_stops_those_parameters_and_resume_goes_on_from_their_train
     def train(name, resume=False, seen=None):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-        run = tiny_run(tmp_path, name, resume)
-        engine.train(run, model, engine.make_loader(run, Toy(), 4, train=True), loss_fn, ocfg,
-                     after_step=lambda m: seen.append([p.detach().clone() for p in m.parameters()]) if seen is not None
-                     else None, frozen_after=(1, list(model[1].parameters())))
+        with tiny_run(tmp_path, name, resume) as run:
+            engine.train(run, model, engine.make_loader(run, Toy(), 4, train=True), loss_fn, ocfg,
+                         after_step=lambda m: seen.append([p.detach().clone() for p in m.parameters()])
+                         if seen is not None else None, frozen_after=(1, list(model[1].parameters())))
         return model
 
     seen = []
