@@ -126,8 +126,8 @@ class Choice(_Type):
 class Pattern(_Type):
     """A string matching a regular expression; `shown` says it in words."""
 
-    def __init__(self, regex, shown):
-        super().__init__()
+    def __init__(self, regex, shown, null=False):
+        super().__init__(null)
         self.regex, self.shown = re.compile(regex), shown
 
     def convert(self, value):
@@ -186,6 +186,8 @@ MASK_RATIO = Float('[0, 1)')           # the fraction of patches removed: some m
 PROBABILITY = Float('[0, 1]')
 AREA_FRACTIONS = Pair(Float('(0, 1]'), strict=False)
 SIZE = Int('(0, inf)', null=True)      # null: the preset's value
+RUN_NAME = Pattern(r'(?!\s*$|\.\.?$)[^/\\\0]+', 'a plain folder name (not empty, . or .., no / or \\): the run folder '
+                   'is <run.out_dir>/<name>')
 
 SCHEMA = {
     'run.out_dir': Str(),
@@ -264,7 +266,7 @@ SCHEMA = {
     'data.augment.vflip': PROBABILITY,
     'data.augment.rotate': Float('[0, 180]'),
 
-    'pretrain.name': Str(),
+    'pretrain.name': RUN_NAME,
     'pretrain.pretext': Choice('mae', 'dino'),
     'pretrain.epochs': POSITIVE_INT,
     'pretrain.batch_size': POSITIVE_INT,
@@ -277,7 +279,7 @@ SCHEMA = {
     'pretrain.decoder_warmup_steps': COUNT,
     'pretrain.grid_images': POSITIVE_INT,
 
-    'finetune.name': Str(null=True),
+    'finetune.name': Pattern(RUN_NAME.regex.pattern, RUN_NAME.shown, null=True),
     'finetune.init': Choice('tpp', 'random', 'full', 'linear', 'linear_tpp'),
     'finetune.targets': Str(null=True),
     'finetune.task': Choice('segmentation', 'classification'),

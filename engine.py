@@ -88,15 +88,6 @@ LOCK = '.lock'        # "<pid> <host>" of the process writing the folder, while 
 RESUME_KEYS = ('model', 'optimizer', 'scaler', 'rng', 'epoch', 'step', 'best', 'history')   # of checkpoint.pth
 
 
-def run_name(key, name):
-    """The run folder name given by config key `key`, checked before anything runs: one plain folder name inside
-    run.out_dir (empty, '.', '..' or a path would write into or beside out_dir)."""
-    if not isinstance(name, str) or name.strip() in ('', '.', '..') or any(c in name for c in '/\\\0'):
-        raise ConfigError(f'{key}: {name!r} is not a run folder name: use a plain folder name (not empty, . or .., '
-                          f'no /): the run folder is <run.out_dir>/<name>')
-    return name
-
-
 class Run:
     """One training run: `<run.out_dir>/<name>`, the device and AMP dtype, the torchrun rank, log and TensorBoard.
     Use it as `with Run(...) as run:`; leaving the block (also by an error or Ctrl-C) releases the folder.

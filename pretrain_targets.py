@@ -109,7 +109,6 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
 def main(args):
     cfg = config.load_config(args.config, args.set, stage=1)
     pcfg, dcfg = cfg['pretrain'], cfg['data']
-    name = engine.run_name('pretrain.name', pcfg['name'])
     dino = pcfg['pretext'] == 'dino'
     engine.preflight(cfg)
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
@@ -117,7 +116,7 @@ def main(args):
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     # the run folder is made when training starts
-    with engine.Run(cfg, name, args.resume, result='targets.pth', stage='pretrain') as run:
+    with engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth', stage='pretrain') as run:
         run.log(f"data.intensity {info['intensity']}")
         for line in data.warning_lines(info['warnings']):
             run.log(line)
