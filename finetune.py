@@ -220,7 +220,8 @@ def main(args):
         raise config.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
     if task not in ('classification', 'segmentation'):
         raise config.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])   # checked first:
+    cfg['model']['in_chans'] = info['in_chans']                  # stage 0 can take minutes; the model follows the data
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
         raise config.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
@@ -232,6 +233,7 @@ def main(args):
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
     run.log(f"data.intensity {info['intensity']}")
+    run.log(f"model.in_chans {info['channels']}")
     start = time.time()
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
