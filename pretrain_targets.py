@@ -101,6 +101,8 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
     mean = torch.tensor(dcfg['mean'], device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(dcfg['std'], device=images.device).view(1, -1, 1, 1)
     rows = [x * std + mean for x in (images * (1 - mask), recon, images)]            # back to [0, 1]
+    if images.shape[1] != 3:                                                          # grey, or the first sequence
+        rows = [x[:, :1] for x in rows]
     grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=len(images), padding=1)
     save_image(grid, run.dir / 'reconstructions.png')
     run.writer.add_image('pretrain/masked_recon_original', grid, 0)

@@ -15,6 +15,7 @@ import data
 import finetune
 import models
 import pretrain_backbone
+import pretrain_targets
 from conftest import args, tiny_config
 from data import DataError
 
@@ -109,13 +110,16 @@ def test_channel_count_mismatches_are_refused(tmp_path, dcfg):
 
 def test_two_sequence_msd_trains_on_the_default_config(tmp_path, cache):
     """Structure only in sequence 2: in_chans follows the data (2) and stage 2 learns it; the run's config.yaml
-    holds the resolved value."""
+    holds the resolved value; stage 1 runs on it too."""
     root = two_sequence_msd(tmp_path / 'T')
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 8, 'batch_size': 8, 'init': 'random'})
     run_dir = finetune.main(args(cfg, 'data.layout=msd', f'data.root={root}'))
     assert yaml.safe_load((run_dir / 'config.yaml').read_text())['model']['in_chans'] == 2
     assert 'model.in_chans null -> 2 (2 channels per image)' in (run_dir / 'log.txt').read_text()
     assert json.loads((run_dir / 'metrics.json').read_text())['test']['dice_mean'] > 0.3
+    targets = pretrain_targets.main(args(cfg, 'data.layout=msd', f'data.root={root}', 'pretrain.epochs=1'))
+    assert torch.load(targets, weights_only=True)['meta']['arch']['in_chans'] == 2
+    assert (targets.parent / 'reconstructions.png').stat().st_size > 0    # the first sequence, grey
 
 
 # -------------------------------------------------------------------------------------------- checkpoint channels
@@ -137,3 +141,128 @@ def test_three_channel_checkpoint_loads_into_any_channel_count(tmp_path, chans):
     torch.testing.assert_close(model.patch_embed(grey.repeat(1, chans, 1, 1)), rgb.patch_embed(grey.repeat(1, 3, 1, 1)))
     torch.testing.assert_close(model(grey.repeat(1, chans, 1, 1), noise=torch.rand(2, 16))[0].isfinite(),
                                torch.tensor(True))
+
+
+# ------------------------------------------------------------------------------------------------ colour and MedMNIST
+
+def official_medmnist(path, images: dict, seed=0):
+    """A .npz in the MedMNIST v2 format (medmnist.INFO / np.load of the released files): uint8 <split>_images and
+    uint8 <split>_labels of shape (N, 1), for split train / val / test."""
+    labels = {s: (np.arange(len(x)) % 2).astype(np.uint8)[:, None] for s, x in images.items()}
+    np.savez_compressed(path, **{f'{s}_images': x for s, x in images.items()},
+                        **{f'{s}_labels': y for s, y in labels.items()})
+    return path
+
+
+RED, GREEN = (200, 0, 0), (0, 102, 0)          # one luma: PIL 'L' (ITU-R 601-2, rounded) gives 60 for both
+
+
+def hue_classes(n):
+    """(n, 28, 28, 3) RGB: a grey background and a square, red for label 0, green for label 1 (labels i % 2)."""
+    x = np.full((n, 28, 28, 3), 80, np.uint8)
+    for i in range(n):
+        x[i, 8:20, 8:20] = (RED, GREEN)[i % 2]
+    return x
+
+
+def test_medmnist_arrays_read_as_the_medmnist_package_presents_them(tmp_path, dcfg):
+    rng = np.random.default_rng(0)
+    shapes = {'pathmnist': (4, 28, 28, 3), 'pneumoniamnist': (4, 28, 28), 'grey_hw1': (4, 28, 28, 1),
+              'organmnist3d': (4, 28, 28, 28)}
+    for name, shape in shapes.items():
+        arrays = {s: rng.integers(0, 256, shape, dtype=np.uint8) for s in data.SPLITS}
+        path = official_medmnist(tmp_path / f'{name}.npz', arrays)
+        cases = data.read_medmnist(path)[0]
+        got = data.load(cases[5].image, colour=True)[0]                      # val_images[1]
+        want = arrays['val'][1]
+        if name == 'pathmnist':                                             # RGB (H, W, 3), channels_of's (H, W, 1, 3)
+            np.testing.assert_array_equal(got[:, :, 0], want)
+            np.testing.assert_array_equal(data.load(cases[5].image)[0], Image.fromarray(want).convert('L'))
+        elif name == 'grey_hw1':                                            # (H, W, 1) is grey (H, W)
+            np.testing.assert_array_equal(got, want[..., 0])
+        elif name == 'organmnist3d':                                        # (D, H, W) sliced along D
+            np.testing.assert_array_equal(got, np.moveaxis(want, 0, -1))
+        else:
+            np.testing.assert_array_equal(got, want)
+    dcfg = dict(dcfg, layout='medmnist', root=str(tmp_path / 'pathmnist.npz'), mean=[0.1, 0.2, 0.3], std=[0.5])
+    cases, info = data.prepare(dcfg, tmp_path)
+    assert info['in_chans'] == 3 and info['channels'] == 'null -> 3 (colour images)'
+    x = data.SliceDataset(cases, dcfg, 28, 3, 'classification', train=False)[0]['image']      # per-channel mean/std
+    rgb = torch.from_numpy(np.load(tmp_path / 'pathmnist.npz')['train_images'][0]).permute(2, 0, 1) / 255
+    torch.testing.assert_close(x, (rgb - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)) / 0.5)
+
+
+@pytest.mark.parametrize('channels, rgba', [(4, True), (2, False)])
+def test_medmnist_other_channel_counts_are_refused(tmp_path, dcfg, channels, rgba):
+    arrays = {s: np.zeros((2, 28, 28, channels), np.uint8) for s in data.SPLITS}
+    path = official_medmnist(tmp_path / 'x.npz', arrays)
+    with pytest.raises(DataError, match=r'train_images has shape \(2, 28, 28, %d\).*\(N, H, W, 3\) RGB.*%s'
+                                        % (channels, r'.*RGBA' if rgba else '')):
+        data.prepare(dict(dcfg, layout='medmnist', root=str(path)), tmp_path)
+
+
+def test_hue_only_classes_differ_in_colour_and_not_in_grey(tmp_path, dcfg):
+    path = official_medmnist(tmp_path / 'hue.npz', {s: hue_classes(8) for s in data.SPLITS})
+    dcfg = dict(dcfg, layout='medmnist', root=str(path))
+    for in_chans in (None, 1):
+        cfg = copy.deepcopy(dcfg)
+        cases, info = data.prepare(cfg, tmp_path, 'classification', in_chans)
+        ds = data.SliceDataset(cases[:8], cfg, 28, info['in_chans'], 'classification', train=False)
+        red, green = ds[0], ds[1]
+        assert (red['label'], green['label']) == (0, 1)
+        if in_chans is None:                                               # null -> 3: the hue is the class
+            assert info['in_chans'] == 3 and not torch.equal(red['image'], green['image'])
+            assert red['image'][0, 10, 10] > green['image'][0, 10, 10] and red['image'][1, 10, 10] < green['image'][1, 10, 10]
+        else:                                                              # grey: both classes read the same
+            assert info['channels'] == "1: colour images converted to grey (ITU-R 601-2 luma, as PIL 'L')"
+            assert torch.equal(red['image'], green['image'])
+
+
+def test_colour_png_keeps_its_channels_and_grey_saved_as_rgb_stays_grey(tmp_path, dcfg):
+    for cls, colour in (('a', RED), ('b', GREEN)):
+        for i in range(3):
+            img = np.full((16, 16, 3), 80, np.uint8)
+            img[4:12, 4:12] = colour
+            (tmp_path / 'colour' / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(tmp_path / 'colour' / cls / f'{i}.png')
+            (tmp_path / 'grey' / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.repeat(img.mean(-1, keepdims=True).astype(np.uint8), 3, -1)).save(
+                tmp_path / 'grey' / cls / f'{i}.png')                     # RGB file, equal channels
+    colour = dict(dcfg, layout='folder', root=str(tmp_path / 'colour'))
+    cases, info = data.prepare(colour, tmp_path)
+    assert info['in_chans'] == 3
+    x = data.SliceDataset(cases, colour, 16, 3, 'classification', train=False)[0]['image']
+    assert x.shape == (3, 16, 16) and x[0, 8, 8] > x[1, 8, 8]              # red
+    assert data.prepare(dict(dcfg, layout='folder', root=str(tmp_path / 'grey')), tmp_path)[1]['in_chans'] == 1
+    with pytest.raises(DataError, match=r"model\.in_chans: 2 does not fit the data's colour images; set it to null "
+                                        r"\(follows the data\) or 3 \(or 1: grey\)"):
+        data.prepare(dict(dcfg, layout='folder', root=str(tmp_path / 'colour')), tmp_path, in_chans=2)
+
+
+# ------------------------------------------------------------------------------------- multi-page TIFF, duplicates
+
+def test_multi_page_tiff_is_a_volume_of_its_pages(tmp_path, dcfg):
+    pages = [np.full((12, 10), 40 * (k + 1), np.uint8) for k in range(3)]
+    masks = [np.zeros((12, 10), np.uint8) for _ in range(3)]
+    masks[1][3:6, 3:6] = 1
+    for name, arrays in (('scan.tif', pages), ('scan_mask.tif', masks)):
+        first, *rest = [Image.fromarray(a) for a in arrays]
+        first.save(tmp_path / name, save_all=True, append_images=rest)
+    arr, affine = data.load(tmp_path / 'scan.tif')
+    assert arr.shape == (12, 10, 3) and affine is None
+    np.testing.assert_array_equal(arr, np.stack(pages, 2))
+    (tmp_path / 'm.csv').write_text('image,mask\nscan.tif,scan_mask.tif\nscan.tif,scan_mask.tif\n')
+    case = data.Case('scan', tmp_path / 'scan.tif', tmp_path / 'scan_mask.tif', None)
+    ds = data.SliceDataset([case], dict(dcfg, intensity='none'), 16, 1, 'segmentation', train=False)
+    assert len(ds) == 3 and ds[1]['mask'].sum() > 0 and ds[0]['mask'].sum() == 0
+    Image.fromarray(pages[0]).save(tmp_path / 'odd.tif', save_all=True,
+                                   append_images=[Image.fromarray(np.zeros((5, 5), np.uint8))])
+    with pytest.raises(DataError, match=r'odd\.tif: its 2 pages differ in size'):
+        data.load(tmp_path / 'odd.tif')
+
+
+def test_msd_refuses_two_files_of_one_case(tmp_path, dcfg):
+    root = two_sequence_msd(tmp_path / 'T', n=2)
+    nib.save(nib.load(root / 'imagesTr' / 'p1.nii.gz'), root / 'imagesTr' / 'p1.nii')
+    with pytest.raises(DataError, match=r'p1\.nii and .*p1\.nii\.gz: two files for case p1'):
+        data.prepare(dict(dcfg, layout='msd', root=str(root)), tmp_path)
