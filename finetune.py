@@ -282,7 +282,8 @@ def main(args):
     models.build_head(cfg, num_classes=2)                          # the model's shape rules (depth, patch size)
     if init in config.TARGET_INITS:
         lora.check_layers(cfg)
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])   # checked first:
+    cfg['model']['in_chans'] = info['in_chans']                  # stage 0 can take minutes; the model follows the data
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
         raise config.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
@@ -292,8 +293,10 @@ def main(args):
     sets = {s: data.SliceDataset(splits[s], dcfg, arch['img_size'], arch['in_chans'], task, train=s == 'labelled')
             for s in ('labelled', 'val', 'test')}
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
-    with engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json', stage='finetune') as run:
+    with engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json',
+                    stage='finetune') as run:
         run.log(f"data.intensity {info['intensity']}")
+        run.log(f"model.in_chans {info['channels']}")
         for line in data.warning_lines(info['warnings']):
             run.log(line)
         start = time.time()

@@ -101,6 +101,8 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
     mean = torch.tensor(dcfg['mean'], device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(dcfg['std'], device=images.device).view(1, -1, 1, 1)
     rows = [x * std + mean for x in (images * (1 - mask), recon, images)]            # back to [0, 1]
+    if images.shape[1] != 3:                                                          # grey, or the first sequence
+        rows = [x[:, :1] for x in rows]
     grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=len(images), padding=1)
     save_image(grid, run.dir / 'reconstructions.png')
     run.writer.add_image('pretrain/masked_recon_original', grid, 0)
@@ -113,11 +115,13 @@ def main(args):
     engine.preflight(cfg)
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     lora.check_layers(cfg)
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], in_chans=cfg['model']['in_chans'])  # checked first:
+    cfg['model']['in_chans'] = info['in_chans']                  # stage 0 can take minutes; the model follows the data
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     # the run folder is made when training starts
     with engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth', stage='pretrain') as run:
         run.log(f"data.intensity {info['intensity']}")
+        run.log(f"model.in_chans {info['channels']}")
         for line in data.warning_lines(info['warnings']):
             run.log(line)
         train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen

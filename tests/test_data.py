@@ -229,7 +229,8 @@ def test_msd_layout_with_nnunet_names_and_junk(tmp_path, dcfg):
     cases, info = data.prepare(dict(dcfg, layout='msd', root=str(root)), tmp_path)
     assert [c.id for c in cases] == ['c0', 'c1', 'c2']
     assert info.items() >= {'num_classes_seg': 2, 'num_classes_cls': None,       # from dataset.json's two labels
-                            'intensity': 'auto -> window (NIfTI volumes, read as CT)'}.items()
+                            'intensity': 'auto -> window (NIfTI volumes, read as CT)', 'in_chans': 1,
+                            'channels': 'null -> 1 (grey images)'}.items()
 
 
 def test_csv_layout_names_labels_and_png(tmp_path, dcfg):
@@ -273,7 +274,8 @@ def test_medmnist_2d_uses_the_files_splits_and_memory(tmp_path, dcfg):
     dcfg.update(layout='medmnist', root=str(path), mean=[0.0], std=[1.0], label_fraction=0.5)   # intensity auto
     cases, info = data.prepare(dcfg, tmp_path)
     assert info.items() >= {'num_classes_seg': None, 'num_classes_cls': 3,
-                            'intensity': 'auto -> none (MedMNIST arrays)'}.items()
+                            'intensity': 'auto -> none (MedMNIST arrays)', 'in_chans': 1,
+                            'channels': 'null -> 1 (grey images)'}.items()
     assert len(cases) == 14
     assert list(tmp_path.iterdir()) == [path]                                  # nothing written: read from memory
     splits = data.split_cases(cases, dcfg)

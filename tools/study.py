@@ -274,6 +274,8 @@ def execute(run, config_path, sets, verbose, keep=False):
         dcfg['intensity'] = data.resolve_intensity('auto', *data.read_cases(dcfg, cfg['run']['cache_dir']))[0]
     if done.is_file() or failed.is_file():
         saved = yaml.safe_load((folder / 'config.yaml').read_text())
+        if cfg['model']['in_chans'] is None:   # null follows the data: config.yaml holds what the stage resolved
+            cfg['model']['in_chans'] = saved['model']['in_chans']
         ignore = 'finetune' if run['stage'] == 1 else 'pretrain'   # what the stage does not read
         diff = stale_keys(*({k: v for k, v in _plain(c).items() if k != ignore} for c in (saved, cfg)))
         if diff:
