@@ -97,6 +97,8 @@ def test_channel_count_mismatches_are_refused(tmp_path, dcfg):
     with pytest.raises(DataError, match=r"model\.in_chans: 3 does not fit the data's 2 channels per image"):
         data.prepare(copy.deepcopy(dcfg), tmp_path, in_chans=3)
     assert data.prepare(copy.deepcopy(dcfg), tmp_path, in_chans=2)[1]['channels'] == '2 (2 channels per image)'
+    with pytest.raises(DataError, match=r'data.std: 3 values for 2 input channels'):   # in_chans null: found here
+        data.prepare(dict(copy.deepcopy(dcfg), std=[0.2, 0.2, 0.2]), tmp_path)
     js = json.loads((root / 'dataset.json').read_text())
     (root / 'dataset.json').write_text(json.dumps({**js, 'modality': {'0': 'T2', '1': 'ADC', '2': 'DWI'}}))
     with pytest.raises(DataError, match=r'2 channel\(s\), but dataset.json lists 3 \(T2, ADC, DWI\)'):

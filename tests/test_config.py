@@ -123,7 +123,7 @@ def test_yaml_quirks_and_null_defaults_are_read_as_meant():
 @pytest.mark.parametrize('overrides, stage, message', [
     (['data.val_fraction=0.5', 'data.test_fraction=0.5'], None, r'data.val_fraction \+ data.test_fraction must be < 1'),
     (['data.layout=msd'], None, 'data.root must be set for data.layout msd'),
-    (['data.mean=[0.5, 0.5]'], None, r'data.mean must have 1 or model.in_chans = 1 values, got \[0.5, 0.5\]'),
+    (['model.in_chans=1', 'data.mean=[0.5, 0.5]'], None, r'data.mean must have 1 or model.in_chans = 1 values, got \[0.5, 0.5\]'),
     (['model.in_chans=3', 'data.std=[1, 1]'], None, 'data.std must have 1 or model.in_chans = 3 values'),
     (['mae.decoder_embed_dim=130'], None, 'mae.decoder_embed_dim must be a multiple of 4'),
     (['mae.decoder_num_heads=3', 'mae.decoder_embed_dim=128'], None, 'and of mae.decoder_num_heads = 3'),
