@@ -140,7 +140,7 @@ def build_model(cfg, run, backbone_path, num_classes, init):
     if init in ('tpp', 'random', 'linear_tpp'):
         lora.inject(backbone, cfg['peft'])                         # the same target modules as stage 1
     if init in ('tpp', 'linear_tpp'):                              # --- TPP: start from the pre-trained targets
-        path = cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
+        path = targets_path(cfg)
         expected = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(backbone),
                     'backbone': fingerprint}
         try:
@@ -154,6 +154,23 @@ def build_model(cfg, run, backbone_path, num_classes, init):
     run.log(f"parameters ({init}): total {counts['total']:,} | trainable {counts['trainable']:,} "
             f"({100 * counts['trainable'] / counts['total']:.2f}%) | targets {counts['targets']:,}")
     return model, counts
+
+
+def targets_path(cfg):
+    """finetune.targets, or stage 1's file: <run.out_dir>/<pretrain.name>/targets.pth."""
+    return cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
+
+
+def lora_diagnostics(cfg, model, init):
+    """For LoRA runs (init random or tpp): update_ratio, the size of the final update next to the weight it adapts;
+    for tpp also target_survival, how much of the stage-1 update the final one keeps (lora.update_survival)."""
+    if init not in ('tpp', 'random') or not any(isinstance(m, lora.LoRALinear) for m in model.modules()):
+        return {}
+    out = {'update_ratio': lora.update_ratio(model.backbone)}
+    if init == 'tpp':
+        stage1 = torch.load(targets_path(cfg), map_location='cpu', weights_only=True)['targets']
+        out['target_survival'] = lora.update_survival(stage1, model.backbone)
+    return out
 
 
 def add_head(cfg, backbone, num_classes, init):
@@ -249,12 +266,13 @@ def main(args):
     best = torch.load(run.dir / 'best.pth', map_location=run.device, weights_only=False)
     engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
     test = evaluate(run, model, test_loader, task, num_classes)
+    diagnostics = lora_diagnostics(cfg, model, init)               # before the inference export merges LoRA
     if fcfg['save_predictions'] and task == 'segmentation':
         save_predictions(run, model, test_loader, dcfg)            # every rank predicts its share; rank 0 writes
     if run.main:
         metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
                    'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
-                   'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed']}
+                   'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed'], **diagnostics}
         with open(run.dir / 'metrics.json', 'w') as f:
             json.dump(metrics, f, indent=1)
         for k, v in test.items():
