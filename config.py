@@ -215,12 +215,18 @@ SCHEMA = {
     'dino.out_dim': POSITIVE_INT,
     'dino.hidden_dim': POSITIVE_INT,
     'dino.bottleneck_dim': POSITIVE_INT,
+    'dino.warmup_teacher_temp': RATE,
     'dino.teacher_temp': RATE,
+    'dino.warmup_teacher_temp_epochs': Int('[0, inf)'),
     'dino.student_temp': RATE,
     'dino.center_momentum': PROBABILITY,
     'dino.ema': PROBABILITY,
-    'dino.views': Int('[2, inf)'),
-    'dino.crop_scale': AREA_FRACTIONS,
+    'dino.freeze_last_layer': Int('[0, inf)'),
+    'dino.global_crops_scale': AREA_FRACTIONS,
+    'dino.local_crops': Int('[0, inf)'),
+    'dino.local_crops_scale': AREA_FRACTIONS,
+    'dino.local_crop_size': POSITIVE_INT,
+    'dino.save': Choice('teacher', 'student'),
 
     'backbone.checkpoint': Str(null=True),
     'backbone.bootstrap.images': POSITIVE_INT,
@@ -307,12 +313,17 @@ def _rules(cfg, stage):
            f"{d['test_fraction']}")
     yield (d['layout'] in ('msd', 'csv', 'folder', 'medmnist') and d['root'] is None,
            f"data.root must be set for data.layout {d['layout']} (docs/data.md)")
-    for key in ('mean', 'std'):   # model.in_chans null: the preset's channels, checked where the model is built
+    for key in ('mean', 'std'):   # model.in_chans null follows the data: data.prepare checks the lengths then
         yield (model['in_chans'] is not None and len(d[key]) not in (1, model['in_chans']),
                f"data.{key} must have 1 or model.in_chans = {model['in_chans']} values, got {d[key]}")
     yield (mae['decoder_embed_dim'] % math.lcm(4, mae['decoder_num_heads']),
            f"mae.decoder_embed_dim must be a multiple of 4 (the sin-cos position table) and of mae.decoder_num_heads "
            f"= {mae['decoder_num_heads']}, got {mae['decoder_embed_dim']}")
+    dino, size, patch, side = cfg['dino'], cfg['dino']['local_crop_size'], model['patch_size'], model['img_size']
+    yield (pre['pretext'] == 'dino' and dino['local_crops'] > 0 and None not in (patch, side)
+           and not (size % patch == 0 and patch <= size <= side),
+           f"dino.local_crop_size must be a multiple of model.patch_size ({patch}) between {patch} and model.img_size "
+           f"({side}), got {size}")
     yield (pre['decoder_warmup_steps'] > 0 and (pre['pretext'] != 'mae' or not pre['train_decoder']),
            f"pretrain.decoder_warmup_steps must be 0 unless pretrain.pretext is mae with pretrain.train_decoder true, "
            f"got {pre['decoder_warmup_steps']} (pretext {pre['pretext']}, train_decoder {pre['train_decoder']})")

@@ -826,14 +826,55 @@ def warp(image: torch.Tensor, mask: torch.Tensor | None, theta: torch.Tensor):
     return image, mask
 
 
-def random_views(images: torch.Tensor, dcfg: dict, crop_scale) -> torch.Tensor:
-    """images (B, C, S, S), normalised -> one random view of each (B, C, S, S): the training augmentation
-    (data.augment, with this crop_scale) drawn per image, for DINO. Outside the image is black, as in SliceDataset."""
+def random_views(images: torch.Tensor, dcfg: dict, crop_scale, size=None) -> torch.Tensor:
+    """images (B, C, S, S), normalised -> one random view of each, (B, C, size, size) (size None: S): the training
+    augmentation (data.augment, with this crop_scale) drawn per image, then resized (antialiased), for DINO's global
+    and local crops. Outside the image is black, as in SliceDataset."""
     aug = {**dcfg['augment'], 'crop_scale': crop_scale}
     theta = torch.cat([random_affine(aug) for _ in range(len(images))]).to(images.device)  # (B, 2, 3)
-    mean, std = (torch.tensor(dcfg[k], device=images.device).view(1, -1, 1, 1) for k in ('mean', 'std'))
+    mean, std = _mean_std(images, dcfg)
     black = -mean / std  # 0 before normalisation
-    return warp(images - black, None, theta)[0] + black
+    return resize(warp(images - black, None, theta)[0], None, size or images.shape[-1])[0] + black
+
+
+def _mean_std(images, dcfg):
+    """data.mean and data.std as (1, C, 1, 1) tensors on the images' device."""
+    return (torch.tensor(dcfg[k], device=images.device).view(1, -1, 1, 1) for k in ('mean', 'std'))
+
+
+def grey_photometric(images: torch.Tensor, dcfg: dict, blur: float, solarize: float, sigma,
+                     jitter=0.8) -> torch.Tensor:
+    """DINO's photometric augmentation for grey images, on a normalised batch (B, C, H, W) -> the same shape. Each
+    image independently: with probability `jitter` (DINO's 0.8) brightness, then contrast, jitter (factors uniform
+    in [0.6, 1.4], as DINO's ColorJitter(0.4, 0.4), which draws the order at random; clipped to [0, 1]); with
+    probability `blur` a Gaussian blur of sigma uniform in `sigma` (pixels); with probability `solarize`
+    solarisation (values >= 0.5 inverted, as PIL's). Saturation and hue jitter leave grey images as they are. Every
+    draw comes from torch's global generator, so a seed (and a resumed run) repeats them."""
+    mean, std = _mean_std(images, dcfg)
+    u = lambda lo, hi: (lo + (hi - lo) * torch.rand(len(images))).to(images.device).view(-1, 1, 1, 1)   # (B, 1, 1, 1)
+    jittered, brightness, contrast = u(0, 1) < jitter, u(0.6, 1.4), u(0.6, 1.4)
+    blurred, sigmas, solarized = u(0, 1) < blur, u(*sigma), u(0, 1) < solarize
+    x = images * std + mean                                                             # [0, 1] intensities
+    bright = (x * brightness).clamp(0, 1)
+    grey = bright.mean(dim=(1, 2, 3), keepdim=True)                                     # (B, 1, 1, 1)
+    x = torch.where(jittered, (contrast * bright + (1 - contrast) * grey).clamp(0, 1), x)
+    x = torch.where(blurred, gaussian_blur(x, sigmas.flatten()), x)
+    x = torch.where(solarized & (x >= 0.5), 1 - x, x)
+    return (x - mean) / std
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """images (B, C, H, W), sigma (B,) pixels -> each image blurred with its own separable Gaussian (reflected
+    borders), one grouped convolution per axis; the kernel spans 3 sigma of the widest."""
+    B, C, H, W = images.shape
+    radius = max(1, math.ceil(3 * sigma.max().item()))
+    t = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)   # (k,)
+    kernel = torch.exp(-0.5 * (t / sigma.view(B, 1).to(images.dtype)) ** 2)           # (B, k)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)           # (B*C, k), each sums to 1
+    x = F.pad(images.reshape(1, B * C, H, W), (radius,) * 4, mode='reflect')
+    x = F.conv2d(x, kernel.view(B * C, 1, 1, -1), groups=B * C)                        # along W
+    x = F.conv2d(x, kernel.view(B * C, 1, -1, 1), groups=B * C)                        # along H
+    return x.view(B, C, H, W)
 
 
 def resize(image: torch.Tensor, mask: torch.Tensor | None, size: int):

@@ -482,10 +482,13 @@ def _fmt_time(seconds):
 
 
 def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, tag='train', after_step=None,
-          frozen_after=None):
+          frozen_after=None, before_step=None):
     """Train the parameters of `model` that require grad. `loss_fn(model, batch) -> loss` (scalar tensor);
-    `evaluate(model) -> dict` with 'score' (higher is better) runs after every epoch and picks `best.pth`;
-    `after_step(model)` runs after every optimiser step (DINO's teacher update; what it changes must be a buffer).
+    `evaluate(model) -> dict` of floats runs after every epoch, logged and kept in the history: with 'score' (higher
+    is better) they are validation metrics and pick `best.pth`, without it training statistics (DINO's);
+    `before_step(model)` runs between the backward pass (and clipping) and the optimiser step (DINO's last-layer
+    freeze); `after_step(model)` runs after every optimiser step (DINO's teacher update; what it changes must be a
+    buffer).
     `frozen_after=(n, params)`: these parameters stop training after n optimiser steps (no gradient, no update).
     `ocfg` is the stage's config section: epochs, lr, weight_decay, warmup_epochs, clip_grad.
     Saves `checkpoint.pth` every epoch (atomically) and, with --resume, continues from it exactly:
@@ -544,6 +547,8 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
             if ocfg['clip_grad']:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, ocfg['clip_grad'])
+            if before_step:
+                before_step(model)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -580,9 +585,10 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
                                                             if isinstance(v, float)))
             for k, v in metrics.items():
                 if run.writer and isinstance(v, float):
-                    run.writer.add_scalar(f'val/{k}', v, step)
-        score = metrics['score'] if metrics and math.isfinite(metrics['score']) else -math.inf   # NaN: no score
-        improved = bool(metrics) and (score > best or epoch == 0)   # epoch 1 always: stage 2 needs a best.pth
+                    run.writer.add_scalar(f"{'val' if 'score' in metrics else tag}/{k}", v, step)
+        score = metrics.get('score', math.nan)
+        score = score if math.isfinite(score) else -math.inf                    # NaN: no score
+        improved = 'score' in metrics and (score > best or epoch == 0)   # epoch 1 always: stage 2 needs a best.pth
         best = max(best, score)
         rng = _rng_state(loader, run.device)
         rng = rng if run.world == 1 else gather(run, [rng])   # every rank's noise

@@ -178,7 +178,7 @@ def build_model(cfg, run, backbone_path, num_classes, init, source):
     if init in config.TARGET_INITS:
         lora.inject(backbone, cfg['peft'])                         # the same target modules as stage 1
     if init in ('tpp', 'linear_tpp'):                              # --- TPP: start from the pre-trained targets
-        path = cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
+        path = targets_path(cfg)
         expected = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(backbone),
                     'backbone': fingerprint}
         try:
@@ -196,6 +196,23 @@ def build_model(cfg, run, backbone_path, num_classes, init, source):
     run.log(f"parameters ({init}): total {counts['total']:,} | trainable {counts['trainable']:,} "
             f"({100 * counts['trainable'] / counts['total']:.2f}%) | targets {counts['targets']:,}")
     return model, counts
+
+
+def targets_path(cfg):
+    """finetune.targets, or stage 1's file: <run.out_dir>/<pretrain.name>/targets.pth."""
+    return cfg['finetune']['targets'] or f"{cfg['run']['out_dir']}/{cfg['pretrain']['name']}/targets.pth"
+
+
+def lora_diagnostics(cfg, model, init):
+    """For LoRA runs (init random or tpp): update_ratio, the size of the final update next to the weight it adapts;
+    for tpp also target_survival, how much of the stage-1 update the final one keeps (lora.update_survival)."""
+    if init not in ('tpp', 'random') or not any(isinstance(m, lora.LoRALinear) for m in model.modules()):
+        return {}
+    out = {'update_ratio': lora.update_ratio(model.backbone)}
+    if init == 'tpp':
+        stage1 = torch.load(targets_path(cfg), map_location='cpu', weights_only=True)['targets']
+        out['target_survival'] = lora.update_survival(stage1, model.backbone)
+    return out
 
 
 def add_head(cfg, backbone, num_classes, init):
@@ -319,13 +336,14 @@ def main(args):
         engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
         test_preds = predict(run, model, test_loader, task, native=True)   # every rank its share; Dice on the own grid
         test = score(test_preds, test_loader.dataset, task, num_classes, native=True)
+        diagnostics = lora_diagnostics(cfg, model, init)               # before the inference export merges LoRA
         if fcfg['save_predictions'] and task == 'segmentation':
             save_predictions(run, test_preds, test_loader.dataset, dcfg)   # the labels test scored; rank 0 writes
         if run.main:
             save_inference_model(run, model, cfg, num_classes)
             metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
                        'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
-                       'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed']}
+                       'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed'], **diagnostics}
             # last: metrics.json marks the run finished (a failure before it leaves a run that --resume completes)
             engine.atomic_write(json.dumps(metrics, indent=1), run.dir / 'metrics.json')
             for k, v in test.items():

@@ -60,10 +60,11 @@ class LoRA(Target):
         rows = torch.cat([torch.arange(start, stop) for start, stop in slices])
         self.register_buffer('rows', None if len(rows) == out_features else rows, persistent=False)
 
-    def delta_weight(self):
-        """The update as a dense (out, in) matrix, for merging: scaling * B_i A_i placed on each slice's rows."""
-        A = self.A.view(self.groups, self.r, -1)                               # (g, r, in)
-        B = self.B.view(self.groups, self.width, self.r)                       # (g, d, r)
+    def delta_weight(self, A=None, B=None):
+        """The update as a dense (out, in) matrix, for merging: scaling * B_i A_i placed on each slice's rows. A, B:
+        other factors of this module's shapes (stage 1's, for update_survival) in place of its own."""
+        A = (self.A if A is None else A).view(self.groups, self.r, -1)         # (g, r, in)
+        B = (self.B if B is None else B).view(self.groups, self.width, self.r)  # (g, d, r)
         dW = (B @ A).flatten(0, 1) * self.scaling                              # (g*d, in)
         if self.rows is None:
             return dW
@@ -368,3 +369,41 @@ def load_targets(path, model, expected):
     load_target_state_dict(model, ckpt['targets'])   # names a missing, unexpected or mis-shaped target
     check_meta(ckpt['meta'], expected, path, ('peft',))
     return ckpt['meta']
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# How far fine-tuning moved LoRA (stage 2's diagnostics: pure functions of the modules and the saved targets)
+
+def _median(values):
+    return torch.tensor(list(values), dtype=torch.float64).quantile(0.5).item()
+
+
+@torch.no_grad()
+def update_ratio(model):
+    """Per LoRA layer of `model` ||s*BA||_F / ||W||_F, W the frozen base weight of the adapted rows (the q and v
+    slices with qv_only), and the median over layers: a small ratio is PEFT adapting the backbone, a large one
+    LoRA rewriting it. {'median': ..., 'per_layer': {layer: ratio}}."""
+    ratios = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            dW = m.lora.delta_weight().double()                                 # (out, in), zero off the slices
+            W = m.weight.double() - dW if m.merged else m.weight.double()       # the base weight
+            ratios[name] = (dW.norm() / (W if m.lora.rows is None else W[m.lora.rows]).norm()).item()
+    return {'median': _median(ratios.values()), 'per_layer': ratios}
+
+
+@torch.no_grad()
+def update_survival(stage1_targets, model):
+    """Does the pre-trained update survive fine-tuning? Per LoRA layer of `model`, between the stage-1 update s*B1A1
+    (stage1_targets: the targets file's state dict) and the model's final s*BA: the cosine of the two (1: the same
+    direction, 0: unrelated, -1: reversed) and the ratio of their Frobenius norms, final / stage-1; and the medians
+    over layers. {'cosine': ..., 'norm_ratio': ..., 'per_layer': {layer: {'cosine': ..., 'norm_ratio': ...}}}."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            A, B = (stage1_targets[f'{name}.lora.{k}'].to(m.lora.A.device) for k in 'AB')
+            start = m.lora.delta_weight(A, B).double().flatten()
+            final = m.lora.delta_weight().double().flatten()
+            layers[name] = {'cosine': (start @ final / (start.norm() * final.norm())).item(),
+                            'norm_ratio': (final.norm() / start.norm()).item()}
+    return {k: _median(layer[k] for layer in layers.values()) for k in ('cosine', 'norm_ratio')} | {'per_layer': layers}

@@ -46,6 +46,15 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     return table.astype(np.float32)
 
 
+def resize_pos_grid(pos, grid_size):
+    """pos: (1, G*G, D) patch rows of a position table -> (1, g*g, D) for a g x g patch grid: bicubic on the grid, as
+    MAE's fine-tuning adapts a checkpoint and DINO embeds its smaller local crops."""
+    G = math.isqrt(pos.shape[1])
+    grid = pos.float().reshape(1, G, G, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode='bicubic', align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, -1)
+
+
 def _fixed_sincos_(param, grid_size):
     """Fill a (1, 1+L, D) parameter with the sin-cos table (cls row zero)."""
     table = get_2d_sincos_pos_embed(param.shape[-1], grid_size, cls_token=True)
@@ -80,9 +89,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        """x: (B, C, H, W) -> (B, L, D), patches in raster order."""
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f'expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}')
+        """x: (B, C, H, W) -> (B, L, D), patches in raster order. H = W = img_size, or another square side that is
+        a multiple of the patch size (DINO's local crops)."""
+        H, W = x.shape[-2:]
+        if H != W or H % self.patch_size:
+            raise ValueError(f'expected square images with a side divisible by {self.patch_size} (the model\'s: '
+                             f'{self.img_size}), got {H}x{W}')
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -178,8 +190,12 @@ class VisionTransformer(nn.Module):
             m.apply(_init_linear_and_norm)
 
     def embed_patches(self, x):
-        """x: (B, C, H, W) -> (B, L, D) patch embeddings plus their position embeddings."""
-        return self.patch_embed(x) + self.pos_embed[:, 1:]
+        """x: (B, C, H, W) -> (B, L, D) patch embeddings plus their position embeddings. Images of another side than
+        img_size (DINO's local crops) get the position table resized to their patch grid, as DINO does."""
+        x, pos = self.patch_embed(x), self.pos_embed[:, 1:]                  # (B, L, D), (1, G*G, D)
+        if x.shape[1] != pos.shape[1]:
+            pos = resize_pos_grid(pos, math.isqrt(x.shape[1])).to(pos.dtype)
+        return x + pos
 
     def prepend_cls(self, x):
         """x: (B, N, D) -> (B, 1+N, D) with the cls token (plus its position embedding) in front."""

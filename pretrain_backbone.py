@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import config
 import data
@@ -145,10 +144,7 @@ def _resize_pos_embed(key, pos, shape):
     if pos.ndim != 3 or pos.shape[2] != shape[2] or G * G != pos.shape[1] - 1:
         raise CheckpointError(f'{key}: checkpoint shape {tuple(pos.shape)} cannot be adapted to the model shape '
                               f'{tuple(shape)}')
-    grid = pos[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
-    grid = F.interpolate(grid, size=(g, g), mode='bicubic', align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, g * g, -1)
-    return torch.cat([pos[:, :1].float(), grid], dim=1), f'{key} {G}x{G}->{g}x{g}'
+    return torch.cat([pos[:, :1].float(), models.resize_pos_grid(pos[:, 1:], g)], dim=1), f'{key} {G}x{G}->{g}x{g}'
 
 
 def _channel_map(c, C):

@@ -12,6 +12,7 @@ With no backbone.checkpoint configured, the embedded default backbone is made fi
 pretrain_backbone.py): the same MAE training with every parameter trainable, on upstream images.
 """
 import copy
+import math
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -39,12 +40,25 @@ def insert_targets(model, cfg):
     return lora.mark_trainable(model, extra=trainable_decoder(model) if cfg['pretrain']['train_decoder'] else ())
 
 
+def teacher_temp_at(step, warmup_steps, warmup_temp, temp):
+    """DINO's teacher temperature: linear from warmup_temp at step 0 to temp at warmup_steps, then temp."""
+    return temp if step >= warmup_steps else warmup_temp + (temp - warmup_temp) * step / warmup_steps
+
+
+def momentum_at(step, total, ema):
+    """DINO's teacher momentum: a cosine from `ema` at the first optimiser step to 1 at the last (step total - 1)."""
+    return 1 - (1 - ema) * 0.5 * (1 + math.cos(math.pi * step / max(1, total - 1)))
+
+
 class SelfDistillation(torch.nn.Module):
     """DINO with the backbone frozen. The student is backbone + targets + DINOHead; the teacher is the same backbone
     (shared: deepcopy's memo maps it to itself) with its own targets and head, exponential moving averages of the
-    student's (update_teacher, after each optimiser step), kept as buffers: checkpoints hold them, the optimiser not."""
+    student's (update_teacher, after each optimiser step), kept as buffers: checkpoints hold them, the optimiser not.
+    The schedules are pure functions of the optimiser step, a buffer too, so a resumed run continues them exactly:
+    the teacher temperature warms up, the momentum rises to 1, the last layer is frozen for the first epochs.
+    `d` is the config's dino: section; `steps_per_epoch` and `epochs` place the schedules."""
 
-    def __init__(self, student, teacher_temp, student_temp, center_momentum, ema):
+    def __init__(self, student, d, steps_per_epoch, epochs):
         super().__init__()
         self.student = student
         self.teacher = copy.deepcopy(student, {id(p): p for p in student.parameters() if not p.requires_grad})
@@ -54,35 +68,88 @@ class SelfDistillation(torch.nn.Module):
                     delattr(module, name)
                     module.register_buffer(name, p.detach())
         self.register_buffer('center', torch.zeros(student.head.last_layer.out_features))   # (K,)
-        self.temps, self.center_momentum, self.ema = (teacher_temp, student_temp), center_momentum, ema
+        self.register_buffer('step', torch.zeros((), dtype=torch.long))   # optimiser steps taken
+        self.d, self.total = d, steps_per_epoch * epochs
+        self.warmup_steps = d['warmup_teacher_temp_epochs'] * steps_per_epoch
+        self.frozen_steps = d['freeze_last_layer'] * steps_per_epoch
+        self.stats, self.batches = 0, 0   # epoch sums of the teacher's entropy and the loss, for epoch_stats
 
     def forward(self, views):
-        """views: V x (B, C, H, W) of one batch -> mean cross-entropy of teacher view i and student view j != i."""
-        x, V = torch.cat(views), len(views)
-        s = (self.student(x).float() / self.temps[1]).log_softmax(dim=-1).chunk(V)           # V x (B, K)
+        """views: 2 global (B, C, S, S) then any local (B, C, s, s) crops of one batch -> the mean cross-entropy of
+        teacher view i (global only) and student view j != i (all)."""
+        local = [torch.cat(views[2:])] if len(views) > 2 else []    # other size: its own pass (pos_embed resized)
+        s = torch.cat([self.student(x) for x in [torch.cat(views[:2]), *local]])
+        s = (s.float() / self.d['student_temp']).log_softmax(dim=-1).chunk(len(views))      # V x (B, K)
         with torch.no_grad():
-            out = self.teacher.eval()(x).float()                         # (V*B, K); eval: no dropout in the teacher
-            t = ((out - self.center) / self.temps[0]).softmax(dim=-1).chunk(V)                # centred, sharpened
-            self.center.mul_(self.center_momentum).add_(out.mean(dim=0), alpha=1 - self.center_momentum)
-        return sum(-(t[i] * s[j]).sum(-1).mean() for i in range(V) for j in range(V) if i != j) / (V * (V - 1))
+            out = self.teacher.eval()(torch.cat(views[:2])).float()       # (2B, K); eval: no dropout in the teacher
+            temp = teacher_temp_at(self.step.item(), self.warmup_steps, self.d['warmup_teacher_temp'],
+                                   self.d['teacher_temp'])
+            log_t = ((out - self.center) / temp).log_softmax(dim=-1)     # centred, sharpened
+            t = log_t.exp()
+            entropy = -(t * log_t).sum(-1).mean()                         # of the teacher's targets, in nats
+            t = t.chunk(2)
+            m = self.d['center_momentum']
+            self.center.mul_(m).add_(out.mean(dim=0), alpha=1 - m)
+        pairs = [(i, j) for i in range(2) for j in range(len(views)) if i != j]
+        loss = sum(-(t[i] * s[j]).sum(-1).mean() for i, j in pairs) / len(pairs)
+        self.stats, self.batches = self.stats + torch.stack([entropy, loss.detach()]), self.batches + 1
+        return loss
+
+    def freeze_last_layer(self):
+        """DINO's last-layer freeze: before the optimiser step of the first dino.freeze_last_layer epochs, the head's
+        last layer loses its gradient, so the optimiser leaves it as it is (no decay, no moments)."""
+        if self.step.item() < self.frozen_steps:
+            self.student.head.last_layer.weight.grad = None
 
     @torch.no_grad()
     def update_teacher(self):
-        """teacher = ema * teacher + (1 - ema) * student, for the targets and the head; the backbone is shared."""
+        """teacher = m * teacher + (1 - m) * student for the targets and the head (the backbone is shared), m on
+        DINO's cosine schedule from dino.ema to 1; then counts the step."""
+        m = momentum_at(self.step.item(), self.total, self.d['ema'])
         for name, p in self.student.named_parameters():
             if p.requires_grad:
-                self.teacher.get_buffer(name).mul_(self.ema).add_(p, alpha=1 - self.ema)
+                self.teacher.get_buffer(name).mul_(m).add_(p, alpha=1 - m)
+        self.step += 1
+
+    def epoch_stats(self):
+        """The means since the last call (an epoch): the teacher's entropy in nats, and it and the loss relative to
+        log K, the entropy of the uniform distribution over the K prototypes (1: the teacher says nothing)."""
+        entropy, loss = (self.stats / self.batches).tolist()
+        log_k = math.log(self.center.numel())
+        self.stats, self.batches = 0, 0
+        return {'teacher_entropy': entropy, 'teacher_entropy_rel': entropy / log_k, 'loss_rel': loss / log_k}
+
+    def target_state_dict(self, who):
+        """The targets of the 'teacher' or the 'student', named as the student encoder's (lora.target_state_dict)."""
+        state = (self.teacher if who == 'teacher' else self.student).backbone.state_dict()
+        return {name: state[name].detach().clone() for name, _ in lora.target_parameters(self.student.backbone)}
+
+
+def multi_crop(images, dcfg, d, img_size):
+    """DINO's views of a normalised batch (B, C, S, S): 2 global crops (dino.global_crops_scale, S pixels) and
+    dino.local_crops local ones (dino.local_crops_scale, dino.local_crop_size pixels), each with DINO's per-view
+    photometric augmentation: blur always on the first global crop, rarely on the second, which is solarised one time
+    in five; half the local crops blurred. DINO's blur sigma of 0.1-2 pixels on 224-pixel crops is scaled to S."""
+    sigma = (0.1 * img_size / 224, 2.0 * img_size / 224)
+    views = [data.grey_photometric(data.random_views(images, dcfg, d['global_crops_scale']), dcfg, blur, solarize,
+                                   sigma) for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]
+    return views + [data.grey_photometric(data.random_views(images, dcfg, d['local_crops_scale'],
+                                                            d['local_crop_size']), dcfg, 0.5, 0.0, sigma)
+                    for _ in range(d['local_crops'])]
 
 
 def train_dino(run, student, dataset, cfg):
-    """DINO training of the student's targets and head, on `views` random views of each training image."""
+    """DINO training of the student's targets and head on multi-crop views of each training image. Returns
+    engine.train's result (its history holds SelfDistillation.epoch_stats) and the targets dino.save names."""
     d = cfg['dino']
-    dino = SelfDistillation(student, d['teacher_temp'], d['student_temp'], d['center_momentum'], d['ema'])
     loader = engine.make_loader(run, dataset, cfg['pretrain']['batch_size'], train=True)
-    loss_fn = lambda model, batch: model([data.random_views(batch['image'], cfg['data'], d['crop_scale'])
-                                          for _ in range(d['views'])])
-    return engine.train(run, dino.to(run.device), loader, loss_fn, cfg['pretrain'], tag='pretrain',
-                        after_step=SelfDistillation.update_teacher)
+    dino = SelfDistillation(student, d, len(loader), cfg['pretrain']['epochs']).to(run.device)
+    img_size = models.vit_kwargs(cfg['model'])['img_size']
+    loss_fn = lambda model, batch: model(multi_crop(batch['image'], cfg['data'], d, img_size))
+    result = engine.train(run, dino, loader, loss_fn, cfg['pretrain'], tag='pretrain',
+                          evaluate=SelfDistillation.epoch_stats, before_step=SelfDistillation.freeze_last_layer,
+                          after_step=SelfDistillation.update_teacher)
+    return result, dino.target_state_dict(d['save'])
 
 
 @torch.no_grad()
@@ -145,8 +212,10 @@ def main(args):
         # --- TPP: the pretext task on the downstream images
         warm = pcfg['decoder_warmup_steps']          # the decoder trains for these steps, then only the targets adapt
         warm = (warm, trainable_decoder(model)) if warm else None
-        result = (train_dino(run, model, dataset, cfg) if dino
-                  else train_mae(run, model, dataset, pcfg, 'pretrain', warm))
+        if dino:   # the teacher's targets (DINO evaluates the teacher) or the student's: dino.save
+            result, targets = train_dino(run, model, dataset, cfg)
+        else:
+            result, targets = train_mae(run, model, dataset, pcfg, 'pretrain', warm), lora.target_state_dict(encoder)
         pretext = {'name': 'dino', **cfg['dino']} if dino else {'name': 'mae', 'mask_ratio': pcfg['mask_ratio'],
                    'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder'],
                    'decoder_warmup_steps': pcfg['decoder_warmup_steps']}
@@ -164,7 +233,7 @@ def main(args):
                 images = torch.stack([grid[i]['image'] for i in range(min(pcfg['grid_images'], len(grid)))])
                 save_reconstructions(run, model, images.to(run.device), pcfg['mask_ratio'], dcfg)
             # last: targets.pth marks the run finished (a failure before it leaves a run that --resume completes)
-            engine.atomic_save({'targets': lora.target_state_dict(encoder), 'meta': meta}, targets_path)
+            engine.atomic_save({'targets': targets, 'meta': meta}, targets_path)
             run.log(f'targets: {targets_path} ({targets_path.stat().st_size / 2 ** 20:.2f} MiB; backbone '
                     f'{backbone_path.stat().st_size / 2 ** 20:.1f} MiB) | TensorBoard'
                     f'{"" if dino else " and reconstructions.png"}: {run.dir}')

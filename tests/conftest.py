@@ -29,7 +29,7 @@ def tiny_config(tmp_path, cache, **sections):
         'model': {'preset': None, 'img_size': 32, 'patch_size': 8, 'embed_dim': 32, 'depth': 4, 'num_heads': 2,
                   'mlp_ratio': 2.0},
         'mae': {'decoder_embed_dim': 16, 'decoder_depth': 1, 'decoder_num_heads': 2},
-        'dino': {'out_dim': 64, 'hidden_dim': 32, 'bottleneck_dim': 16},
+        'dino': {'out_dim': 64, 'hidden_dim': 32, 'bottleneck_dim': 16, 'local_crops': 2, 'local_crop_size': 16},
         'backbone': {'bootstrap': {'images': 64, 'epochs': 1, 'batch_size': 16}},
         'peft': {'lora': {'r': 2}, 'adapter': {'dim': 4}},
         'pretrain': {'epochs': 2, 'batch_size': 32},

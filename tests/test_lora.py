@@ -431,3 +431,44 @@ def test_mae_prompts_join_the_visible_tokens_only():
 def test_a_targets_file_without_the_resolved_structure_is_named_as_older():
     with pytest.raises(lora.TargetMismatchError, match=r'no record of blocks\.0\.attn\.qkv\.lora \(a file of an older tpp'):
         lora.check_meta({'peft': {'lora': {'r': 8}}}, {'peft': {'blocks.0.attn.qkv.lora': 1.0}}, 'old.pth', ('peft',))
+
+
+# ------------------------------------------------------------------------------- how far fine-tuning moved LoRA
+
+def test_update_survival_is_1_for_the_saved_update_and_minus_1_for_its_negation():
+    model = vit()
+    lora.inject(model, peft(layers=('qkv', 'fc1'), qv_only=True))
+    lora.mark_trainable(model)
+    train_steps(model)                                         # B != 0
+    saved = lora.target_state_dict(model)
+    same = lora.update_survival(saved, model)
+    layers = {f'blocks.{i}.{n}' for i in range(DEPTH) for n in ('attn.qkv', 'mlp.fc1')}
+    assert same['per_layer'].keys() == layers
+    assert all(v == pytest.approx({'cosine': 1.0, 'norm_ratio': 1.0}) for v in same['per_layer'].values())
+    assert same['cosine'] == pytest.approx(1.0) and same['norm_ratio'] == pytest.approx(1.0)
+    negated = {k: -v if k.endswith('.B') else v for k, v in saved.items()}
+    half = {k: v / 2 if k.endswith('.B') else v for k, v in saved.items()}
+    assert lora.update_survival(negated, model)['cosine'] == pytest.approx(-1.0)
+    halved = lora.update_survival(half, model)                 # stage 1 half as large: the final is twice
+    assert halved['cosine'] == pytest.approx(1.0) and halved['norm_ratio'] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize('qv_only', [False, True])
+def test_update_ratio_matches_a_hand_computation_on_a_tiny_layer(qv_only):
+    torch.manual_seed(0)
+    base = nn.Linear(4, 6)                                     # a fused qkv of width 2
+    layer = lora.LoRALinear(base, r=1, alpha=2, slices=[(0, 2), (4, 6)] if qv_only else None)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    A, B, W = layer.lora.A, layer.lora.B, base.weight
+    if qv_only:                                                # q and v: each slice its own pair, W's rows 0-1, 4-5
+        dW = torch.cat([B[:2] @ A[:1], B[2:] @ A[1:]]) * 2.0
+        W = torch.cat([W[:2], W[4:]])
+    else:
+        dW = B @ A * 2.0
+    model = nn.Sequential(layer)
+    expected = (dW.norm() / W.norm()).item()
+    ratio = lora.update_ratio(model)
+    assert ratio['per_layer'] == pytest.approx({'0': expected}) and ratio['median'] == pytest.approx(expected)
+    layer.merge()                                              # merged: W is still the base weight
+    assert lora.update_ratio(model)['median'] == pytest.approx(expected)

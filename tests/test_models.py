@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from config import ConfigError
@@ -211,6 +212,19 @@ def test_official_mae_decoder_keys_load():
 
 
 # -------------------------------------------------------------------------------------------- loading and adapting
+
+def test_vit_takes_smaller_square_images_with_its_position_table_resized():
+    m = vit()                                                   # 16 px, 4x4 grid
+    x = torch.randn(2, 1, 8, 8)                                 # DINO's local crop: a 2x2 grid
+    table = F.interpolate(m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(2, 2), mode='bicubic')
+    expected = m.patch_embed.proj(x).flatten(2).transpose(1, 2) + table.flatten(2).transpose(1, 2)   # (B, 4, D)
+    torch.testing.assert_close(m.embed_patches(x), expected)
+    assert m.forward_features(x).shape == (2, 5, 32)
+    full = torch.randn(2, 1, 16, 16)                            # its own size: the table as it is
+    assert torch.equal(m.embed_patches(full), m.patch_embed(full) + m.pos_embed[:, 1:])
+    with pytest.raises(ValueError, match='divisible by 4'):
+        m(torch.randn(1, 1, 10, 10))
+
 
 def test_pos_embed_interpolation():
     src = mae(img_size=16)  # 4x4 grid

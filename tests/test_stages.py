@@ -101,6 +101,20 @@ def test_full_finetuning_keeps_the_fixed_pos_embed(tmp_path, cache, task):
     assert frozen == {'backbone.pos_embed'} | unused          # the sin-cos table stays fixed, as in MAE fine-tuning
 
 
+def test_lora_runs_record_their_update_ratio(tmp_path, cache):
+    cfg = config.load_config(tiny_config(tmp_path, cache))
+    backbone = models.build_backbone(cfg)
+    lora.inject(backbone, cfg['peft'])
+    model, _ = finetune.add_head(cfg, backbone, 2, 'random')
+    diagnostics = finetune.lora_diagnostics(cfg, model, 'random')   # tpp adds target_survival (test_pretext.py)
+    assert diagnostics.keys() == {'update_ratio'} and diagnostics['update_ratio']['median'] == 0   # B = 0
+    assert finetune.lora_diagnostics(cfg, model, 'linear') == {}
+    adapters = config.load_config(tiny_config(tmp_path, cache), ['peft.lora.r=0', 'peft.adapter.kind=parallel'])
+    backbone = models.build_backbone(adapters)
+    lora.inject(backbone, adapters['peft'])
+    assert finetune.lora_diagnostics(adapters, finetune.add_head(adapters, backbone, 2, 'random')[0], 'random') == {}
+
+
 def test_macro_f1_leaves_out_classes_absent_from_labels_and_predictions():
     labels = np.array([0, 0, 1, 1])
     probs = np.eye(4)[[0, 0, 1, 3]]                            # class 2: never true, never predicted; 3: predicted
