@@ -56,9 +56,20 @@ def upstream_dataset(cfg):
 WEIGHTS = Path(__file__).resolve().parent / 'weights'   # shipped default backbones, named like their cache folders
 
 
+def grey(cfg):
+    """The config the embedded default backbone is made from: the upstream images are grey, so it has one input
+    channel (and the first data.mean / data.std value) whatever the data's channels; load_checkpoint adapts its patch
+    embedding to a model with more (1 -> C), so colour and multi-sequence data share the shipped backbone."""
+    cfg = copy.deepcopy(cfg)
+    cfg['model']['in_chans'] = 1
+    cfg['data']['mean'], cfg['data']['std'] = cfg['data']['mean'][:1], cfg['data']['std'][:1]
+    return cfg
+
+
 def default_path(cfg):
     """Where the embedded default backbone of this config lives (made or not) and the recipe it is made with: the
     shipped file of this recipe if there is one (weights/README.md), else its folder in run.cache_dir."""
+    cfg = grey(cfg)
     recipe = {'model': models.vit_kwargs(cfg['model']), 'mae': cfg['mae'], 'bootstrap': cfg['backbone']['bootstrap'],
               'normalise': [cfg['data']['mean'], cfg['data']['std']],
               'data': synthetic.GENERATOR_VERSION}
@@ -82,7 +93,7 @@ def resolve(cfg):
 
 def pretrain(cfg, path, recipe):
     """MAE pre-training of every parameter (but the fixed position embeddings) on the upstream images."""
-    boot = cfg['backbone']['bootstrap']
+    cfg, boot = grey(cfg), cfg['backbone']['bootstrap']
     boot_cfg = copy.deepcopy(cfg)
     boot_cfg['run']['out_dir'] = str(path.parent.parent)
     boot_cfg['run']['seed'] = boot['seed']                     # the backbone does not change with the run's seed

@@ -117,7 +117,10 @@ def test_two_sequence_msd_trains_on_the_default_config(tmp_path, cache):
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 8, 'batch_size': 8, 'init': 'random'})
     run_dir = finetune.main(args(cfg, 'data.layout=msd', f'data.root={root}'))
     assert yaml.safe_load((run_dir / 'config.yaml').read_text())['model']['in_chans'] == 2
-    assert 'model.in_chans null -> 2 (2 channels per image)' in (run_dir / 'log.txt').read_text()
+    log = (run_dir / 'log.txt').read_text()
+    assert 'model.in_chans null -> 2 (2 channels per image)' in log
+    assert 'adapted patch_embed.proj.weight 1->2 channels' in log     # the one grey default backbone, adapted
+    assert len(list(cache.glob('backbone-*'))) == 1                      # (no second bootstrap for 2 channels)
     assert json.loads((run_dir / 'metrics.json').read_text())['test']['dice_mean'] > 0.3
     targets = pretrain_targets.main(args(cfg, 'data.layout=msd', f'data.root={root}', 'pretrain.epochs=1'))
     assert torch.load(targets, weights_only=True)['meta']['arch']['in_chans'] == 2
