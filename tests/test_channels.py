@@ -2,7 +2,6 @@
 (follows the data), checkpoints adapted to any channel count, multi-page TIFF, duplicate case files."""
 import copy
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,20 +17,7 @@ import pretrain_backbone
 import pretrain_targets
 from conftest import args, tiny_config
 from data import DataError
-
-CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / 'config.yaml').read_text())
-
-
-@pytest.fixture
-def dcfg():
-    return copy.deepcopy(CONFIG['data'])
-
-
-def save_nifti(path, arr, affine=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else affine), path)
-    return path
-
+from test_data import dcfg, save_nifti  # noqa: F401  (fixture)
 
 def two_sequence_msd(root, n=12, shape=(32, 32, 6), seed=0):
     """MSD task with 4D (X, Y, Z, 2) images: sequence 0 is noise, sequence 1 shows the labelled square."""
