@@ -10,7 +10,9 @@ finetune.init:
   linear_tpp  frozen backbone and frozen pre-trained targets, only the task head trained: does the representation
           carry anything useful before any target is fine-tuned? (the TPP diagnostic)
 The task head (classification or segmentation) always trains. Validation picks the best epoch; the test split is
-evaluated once, with it. Results: <run folder>/metrics.json, TensorBoard, best.pth and the inference model model.pth.
+evaluated once, with it, and so is an external test set of the same task (data.external_root / external_layout: all
+of its cases, the same evaluate). Results: <run folder>/metrics.json, TensorBoard, best.pth and the inference model
+model.pth.
 """
 import json
 import time
@@ -131,6 +133,48 @@ def volumes(dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The external test set: a second data set of the same task (another site, another public set)
+
+def data_name(dcfg):
+    """The data set a data config names, for messages: its layout and root, or a built-in layout's site."""
+    where = f"site {dcfg['site']}" if dcfg['layout'] in data.SYNTHETIC_LAYOUTS else dcfg['root']
+    return f"data.layout {dcfg['layout']} ({where})"
+
+
+def external_config(dcfg):
+    """The data config of the external test set (data.external_root / external_layout / external_site: the data
+    keys of a second data set, the other keys shared), or None when neither is set. Called before prepare resolves
+    data.intensity auto in dcfg, so the external set resolves its own."""
+    layout, root = dcfg['external_layout'] or dcfg['layout'], dcfg['external_root']
+    if root is None and dcfg['external_layout'] is None:
+        return None
+    builtin = layout in data.SYNTHETIC_LAYOUTS
+    if builtin and root is not None:
+        raise config.ConfigError(f'data.external_root: {root} is set, but the external layout {layout} is built in '
+                                 f'(it has no root; data.external_site picks its site): set data.external_layout to '
+                                 f'msd, csv, folder or medmnist, or external_root to null')
+    if not builtin and root is None:
+        raise config.ConfigError(f'data.external_root: must be set for the external layout {layout}')
+    ext = {**dcfg, 'layout': layout, 'root': root, 'site': dcfg['external_site'] if builtin else dcfg['site']}
+    if data_name(ext) == data_name(dcfg):
+        raise config.ConfigError(f'data.external_*: the external test set is the main data itself ({data_name(dcfg)}); '
+                                 f'name a second data set (for a built-in layout: another data.external_site)')
+    return ext
+
+
+def prepare_external(ext, cache_dir, task, num_classes, dcfg):
+    """The external set's cases, read and checked as the main data's (prepare); its class count for the task must be
+    the main data's. Returns (cases, info) as prepare does."""
+    cases, info = data.prepare(ext, cache_dir, task)
+    k = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
+    if k != num_classes:
+        raise data.DataError(f'data.external_*: the external test set {data_name(ext)} has {k or "no"} {task} '
+                             f'classes, the main data {data_name(dcfg)} {num_classes}: an external test set must be '
+                             f'of the same task, with the same classes')
+    return cases, info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 def build_model(cfg, run, backbone_path, num_classes, init):
     """Backbone (+ targets) + task head, with exactly the parameters of this init method trainable."""
@@ -220,6 +264,7 @@ def main(args):
         raise config.ConfigError(f"finetune.init: '{init}' is not one of {', '.join(INITS)}")
     if task not in ('classification', 'segmentation'):
         raise config.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
+    ext_dcfg = external_config(dcfg)                                # the external test set's data config, or None
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
@@ -229,9 +274,15 @@ def main(args):
     arch = models.vit_kwargs(cfg['model'])
     sets = {s: data.SliceDataset(splits[s], dcfg, arch['img_size'], arch['in_chans'], task, train=s == 'labelled')
             for s in ('labelled', 'val', 'test')}
+    if ext_dcfg:                                                    # all of its cases: no split
+        ext_cases, ext_info = prepare_external(ext_dcfg, cfg['run']['cache_dir'], task, num_classes, dcfg)
+        sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task, False)
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
     run.log(f"data.intensity {info['intensity']}")
+    if ext_dcfg:
+        run.log(f"external test set: {data_name(ext_dcfg)}, {len(ext_cases)} cases, data.intensity "
+                f"{ext_info['intensity']}")
     start = time.time()
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
@@ -249,21 +300,31 @@ def main(args):
     best = torch.load(run.dir / 'best.pth', map_location=run.device, weights_only=False)
     engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
     test = evaluate(run, model, test_loader, task, num_classes)
+    external = None
+    if ext_dcfg:                                                    # the same model, the same evaluation as the test split
+        ext_loader = engine.make_loader(run, sets['external'], fcfg['batch_size'], train=False)
+        external = evaluate(run, model, ext_loader, task, num_classes)
     if fcfg['save_predictions'] and task == 'segmentation':
         save_predictions(run, model, test_loader, dcfg)            # every rank predicts its share; rank 0 writes
     if run.main:
         metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
                    'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
                    'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed']}
+        if external:
+            metrics.update(external=external, external_data={'name': data_name(ext_dcfg), 'cases': len(ext_cases)})
         with open(run.dir / 'metrics.json', 'w') as f:
             json.dump(metrics, f, indent=1)
-        for k, v in test.items():
-            run.writer.add_scalar(f'test/{k}', v, result['steps'])
+        for split, values in (('test', test), ('external', external or {})):
+            for k, v in values.items():
+                run.writer.add_scalar(f'{split}/{k}', v, result['steps'])
         save_inference_model(run, model, cfg, num_classes)
-        shown = {k: round(v, 4) for k, v in test.items() if k != 'score'}
+        shown = lambda values: {k: round(v, 4) for k, v in values.items() if k != 'score'}
         saved = f' | predicted masks: {run.dir}/predictions' if fcfg['save_predictions'] and task == 'segmentation' else ''
-        run.log(f'test (best epoch {best["epoch"]}): {shown}\nresults: {run.dir}/metrics.json | model: '
-                f'{run.dir}/model.pth{saved} | TensorBoard: {run.dir}/tensorboard')
+        run.log(f'test (best epoch {best["epoch"]}): {shown(test)}')
+        if external:
+            run.log(f'external ({data_name(ext_dcfg)}, {len(ext_cases)} cases): {shown(external)}')
+        run.log(f'results: {run.dir}/metrics.json | model: {run.dir}/model.pth{saved} | TensorBoard: '
+                f'{run.dir}/tensorboard')
     run.close()
     return run.dir
 
