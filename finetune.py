@@ -276,7 +276,7 @@ def main(args):
             for s in ('labelled', 'val', 'test')}
     if ext_dcfg:                                                    # all of its cases: no split
         ext_cases, ext_info = prepare_external(ext_dcfg, cfg['run']['cache_dir'], task, num_classes, dcfg)
-        sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task, False)
+        sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task, train=False)
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
     run.log(f"data.intensity {info['intensity']}")

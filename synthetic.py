@@ -240,15 +240,17 @@ def _mri_case(rng, shape, spacing, grade, site):
     for side in (-1, 1):                                                 # lateral ventricles
         vx, vy = side * rng.uniform(7, 11), rng.uniform(-5, 10)
         tissue[((x - vx) / 5) ** 2 + ((y - vy) / rng.uniform(18, 26)) ** 2 + (z / 16) ** 2 < 1] = 3
-    # the lesion: a core in the white matter of one hemisphere inside an oedema that spreads through white matter
+    # the lesion: a core centred in the white matter of one hemisphere, inside an oedema; both stay in the brain
+    # tissue (grey and white matter, not the ventricles)
+    parenchyma = tissue >= 4
     inside = np.argwhere(white & (np.abs(x) > 15) & (rho < 0.6))
     cx, cy, cz = (inside[rng.integers(len(inside))] - (np.array(shape) - 1) / 2) * spacing
     r = rng.uniform(14, 24) if grade == 0 else rng.uniform(10, 18)
     stretch = rng.uniform(0.8, 1.25)
     rough = rng.uniform(0.2, 0.4) if grade == 0 else rng.uniform(0.0, 0.12)
-    core = _blob((x - cx) / r, (y - cy) / (r * stretch), (z - cz) / r, rng, rough) < 1
+    core = parenchyma & (_blob((x - cx) / r, (y - cy) / (r * stretch), (z - cz) / r, rng, rough) < 1)
     spread = r * (rng.uniform(1.5, 2.2) if grade == 0 else rng.uniform(1.15, 1.5))
-    oedema = (tissue >= 4) & (_blob((x - cx) / spread, (y - cy) / spread, (z - cz) / spread, rng, 0.2) < 1)
+    oedema = parenchyma & (_blob((x - cx) / spread, (y - cy) / spread, (z - cz) / spread, rng, 0.2) < 1)
     tissue[oedema] = 6
     tissue[core] = 7
     if rng.uniform() < (0.85 if grade == 0 else 0.1):                    # necrotic centre
@@ -259,7 +261,7 @@ def _mri_case(rng, shape, spacing, grade, site):
     table = MRI_TISSUES * rng.uniform(0.93, 1.07, MRI_TISSUES.shape).astype(np.float32)
     table[7, 0] *= rng.uniform(0.85, 1.0) if grade == 0 else rng.uniform(0.78, 0.95)  # enhancement
     signal = table ** site['contrast'] * site['gain']
-    bias = _smooth(rng.normal(0, 1, shape).astype(np.float32), shape[0] / 4)
+    bias = _smooth(rng.normal(0, 1, shape[:2]).astype(np.float32), shape[0] / 4)[..., None]   # (X, Y, 1)
     bias = 1 + 0.1 * bias / bias.std()
     image = np.stack([_smooth(signal[tissue, k] * bias, 0.7 * site['resolution']) for k in range(3)], -1)
     sigma = 0.025 * site['noise']
