@@ -10,8 +10,9 @@ built-in synthetic_ct / synthetic_mri / synthetic_us, which synthetic.py writes 
 msd+csv and folder layouts; they are read here like real data.
 
 Volumes are reoriented to the closest canonical (RAS) orientation and cut into 2D slices along data.axis; a 2D image
-is one slice. Intensities go to [0, 1] (CT window, per-image percentiles, or as stored; data.intensity auto picks one
-from the data in prepare), then (x - mean) / std.
+is one slice. Channels (RGB colour, MSD 4D sequences, nnU-Net channel files) become the model's input channels, and
+model.in_chans null follows them (prepare resolves it). Intensities go to [0, 1] per channel (CT window, per-image
+percentiles, or as stored; data.intensity auto picks one from the data in prepare), then (x - mean) / std.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class Case:
     label: int | None         # case/image class or None
     split: str | None = None  # from a CSV 'split' column, else None
     extra_masks: tuple = ()   # folder layout: more masks of the same image (BUSI x_mask_1.png), merged by maximum
+    extra_channels: tuple = ()  # msd layout: the image's other nnU-Net channel files (<id>_0001 ...), in order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,46 +70,83 @@ def _stem(path: Path) -> str:
     return name[:-7] if name.lower().endswith('.nii.gz') else name.rsplit('.', 1)[0]
 
 
+def channels_of(image: np.ndarray) -> list[np.ndarray]:
+    """An image's channels, each a spatial array (H, W) or (X, Y, Z) (views). A grey image is its own one channel; a
+    multi-channel image is (X, Y, Z, C), channels last, and (H, W, 1, C) when 2D: the readers make a file that is one
+    voxel thick 2D, so a volume never has Z = 1."""
+    if image.ndim < 4:
+        return [image]
+    return [image[:, :, 0, c] if image.shape[2] == 1 else image[..., c] for c in range(image.shape[3])]
+
+
 def _read_nifti(path: Path):
-    """-> (array in closest canonical (RAS) orientation, canonical affine). 2D arrays stay 2D."""
+    """-> (array in closest canonical (RAS) orientation, canonical affine). 2D arrays stay 2D; a 4D (X, Y, Z, C) file
+    (MSD multi-sequence) keeps its channels last (channels_of)."""
     img = nib.load(path)
     data = np.asanyarray(img.dataobj)
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) from some converters
         data = data[..., 0]
-    if data.ndim > 3:
-        raise DataError(f'{path}: {data.ndim}D image of shape {data.shape}; tpp reads one channel, so write '
-                        f'each modality to its own file and list the one to use in a csv manifest')
+    if data.ndim > 4:
+        raise DataError(f'{path}: {data.ndim}D image of shape {data.shape}; tpp reads 2D, 3D and 4D '
+                        f'(X, Y, Z, channels) images')
     if data.ndim == 2:
         data = data[..., None]
     canon = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
     arr = np.array(canon.dataobj)  # a copy we own, C-contiguous (reorienting leaves negative strides)
-    if 1 in arr.shape:  # a single slice is a 2D image, whatever data.axis says
-        arr = arr.reshape([s for s in arr.shape if s != 1] or [1])
+    spatial, chans = arr.shape[:3], arr.shape[3:]
+    if 1 in spatial:  # a single slice is a 2D image, whatever data.axis says
+        plane = [s for s in spatial if s != 1] or [1]
+        arr = arr.reshape(plane + [1] * (3 - len(plane)) + list(chans) if chans else plane)
     return arr, canon.affine
 
 
-def _read_2d(path: Path, mask: bool):
+def _is_grey(rgb: np.ndarray) -> bool:
+    return np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def _colour(rgb: np.ndarray, colour: bool) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H, W, 1, 3) (channels_of) with colour, else grey (H, W) as PIL 'L' (ITU-R 601-2 luma).
+    Equal channels are grey either way (grey scans saved as RGB)."""
+    if _is_grey(rgb):
+        return rgb[..., 0].copy()
+    return rgb[:, :, None].copy() if colour else np.array(Image.fromarray(rgb).convert('L'))
+
+
+def _read_page(im, path: Path, mask: bool, colour: bool):
+    """One page of an open PIL image."""
+    if mask and im.mode in ('RGB', 'RGBA', 'LA', 'CMYK', 'YCbCr'):
+        rgb = np.asarray(im.convert('RGB'))
+        if not _is_grey(rgb):
+            raise DataError(f'{path}: colour mask; masks must hold one class index per pixel')
+        return rgb[..., 0].copy()
+    if not mask and im.mode in ('RGB', 'RGBA', 'CMYK', 'YCbCr', 'P'):
+        return _colour(np.asarray(im.convert('RGB')), colour) if colour else np.array(im.convert('L'))
+    if not mask and im.mode in ('LA', '1'):
+        im = im.convert('L')
+    arr = np.array(im)  # masks: 'P' gives the palette indices, which are the classes
+    return arr.astype(np.uint8) if mask and arr.dtype == bool else arr
+
+
+def _read_2d(path: Path, mask: bool, colour: bool):
+    """A 2D image file; a multi-page one (TIFF) is a volume (H, W, pages), each page a slice along axis 2."""
     if mask and path.suffix.lower() in ('.jpg', '.jpeg'):
         raise DataError(f'{path}: JPEG masks change label values (lossy); save masks as PNG or NIfTI')
     with Image.open(path) as im:
-        im.load()
-        if mask and im.mode in ('RGB', 'RGBA', 'LA', 'CMYK', 'YCbCr'):
-            rgb = np.asarray(im.convert('RGB'))
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-                raise DataError(f'{path}: colour mask; masks must hold one class index per pixel')
-            return rgb[..., 0].copy()
-        if not mask and im.mode in ('RGB', 'RGBA', 'LA', 'CMYK', 'YCbCr', 'P', '1'):
-            im = im.convert('L')  # medical 2D images are grey: colour scans are averaged to one channel
-        arr = np.array(im)  # masks: 'P' gives the palette indices, which are the classes
-    if mask and arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    return arr
+        pages = []
+        for i in range(getattr(im, 'n_frames', 1)):
+            im.seek(i)
+            pages.append(_read_page(im, path, mask, colour))
+    shapes = sorted({p.shape for p in pages})
+    if len(shapes) > 1:
+        raise DataError(f'{path}: its {len(pages)} pages differ in size or colour {shapes}; a multi-page file is read '
+                        f'as a volume, one page per slice, so every page must have one size and one colour mode')
+    return pages[0] if len(pages) == 1 else np.stack(pages, 2) if pages[0].ndim == 2 else np.concatenate(pages, 2)
 
 
-def _read(path: Path, mask: bool):
+def _read(path: Path, mask: bool, colour: bool):
     """-> (array, affine or None). Binary 8-bit masks stored as 0/255 (BUSI, most PNG tools) become 0/1."""
     try:
-        arr, affine = _read_nifti(path) if is_nifti(path) else (_read_2d(path, mask), None)
+        arr, affine = _read_nifti(path) if is_nifti(path) else (_read_2d(path, mask, colour), None)
     except DataError:
         raise
     except Exception as e:  # nibabel/PIL/zlib raise many types for truncated or corrupt files
@@ -138,23 +177,47 @@ def _read_npz(path, mtime_ns, size):
         raise DataError(f'{path}: unreadable .npz ({type(e).__name__}: {e})') from None
 
 
-def _read_npz_image(path: Path):
-    """An RGB image (H, W, 3) goes to grey as _read_2d does (PIL 'L'); a volume (D, H, W) becomes (H, W, D), so
-    data.axis 2 cuts it into its D slices, as it cuts a NIfTI volume along z."""
+def _npz_channels_last(shape) -> bool:
+    """One MedMNIST image's shape: (H, W, c) with c <= 4 holds channels (the medmnist package's (28, 28, 3) RGB);
+    any other 3D shape is a volume (D, H, W)."""
+    return len(shape) == 3 and shape[-1] <= 4
+
+
+def _read_npz_image(path: Path, colour: bool):
+    """A MedMNIST image as the medmnist package presents it: grey (H, W) ((H, W, 1) too), RGB (H, W, 3) (as _colour
+    gives it: (H, W, 1, 3), or grey as PIL 'L'); a volume (D, H, W) becomes (H, W, D), so data.axis 2 cuts it into
+    its D slices, as it cuts a NIfTI volume along z."""
     arr = read_npz(path.parent.parent)[path.parent.name][int(path.name)]
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        return np.array(Image.fromarray(arr).convert('L'))
+    if _npz_channels_last(arr.shape):
+        return arr[..., 0] if arr.shape[-1] == 1 else _colour(arr, colour)
     return np.moveaxis(arr, 0, -1) if arr.ndim == 3 else arr
 
 
-def load(path, mask=False):
-    """(array, canonical affine or None) of an image or mask file, decoded now (SliceDataset keeps its own cache)."""
+def load(path, mask=False, colour=False):
+    """(array, canonical affine or None) of an image or mask file, decoded now (SliceDataset keeps its own cache).
+    A colour image is grey (PIL 'L') unless `colour`, which keeps its RGB as (H, W, 1, 3); a 4D NIfTI keeps its
+    channels (X, Y, Z, C) either way (channels_of)."""
     path = Path(path)
     if in_npz(path):
-        return _read_npz_image(path), None
+        return _read_npz_image(path, colour), None
     if not path.is_file():
         raise DataError(f'{path}: file not found')
-    return _read(path, mask)
+    return _read(path, mask, colour)
+
+
+def load_image(case: Case, colour=False):
+    """(image, affine) of a case with all its channels: its file (load), with case.extra_channels (nnU-Net channel
+    files, each one grey channel) stacked after it as channels, (X, Y, Z, C) or (H, W, 1, C)."""
+    if not case.extra_channels:
+        return load(case.image, colour=colour)
+    chans, affines = zip(*(load(p) for p in (case.image, *case.extra_channels)))
+    for path, arr, other in zip(case.extra_channels, chans[1:], affines[1:]):
+        if chans[0].ndim > 3 or arr.shape != chans[0].shape or (
+                affines[0] is not None and not np.allclose(affines[0], other, atol=1e-3)):
+            raise DataError(f'{path}: channel file of shape {arr.shape} is not on the grid of {case.image} (shape '
+                            f'{chans[0].shape}); the channel files of a case are one grey image each, of one shape '
+                            f'and affine')
+    return np.stack([c[:, :, None] if c.ndim == 2 else c for c in chans], axis=-1), affines[0]
 
 
 def load_mask(case: Case, read=load) -> np.ndarray:
@@ -221,7 +284,7 @@ def _check_norm(dcfg, in_chans):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layout readers: each returns (cases, names) with names = {'class_names': seg names or None, 'label_names': ...};
-# msd and csv add 'modality', channel 0's in dataset.json or None (data.intensity auto reads it)
+# msd and csv add 'modalities', each input channel's in dataset.json or None (data.intensity auto reads it)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _label_names_json(path: Path):
@@ -239,44 +302,61 @@ def _label_names_json(path: Path):
     return [by_index.get(i, str(i)) for i in range(max(by_index) + 1)]
 
 
-def _modality_json(path: Path):
-    """Channel 0's modality in a dataset.json (MSD "modality": {"0": "CT"}, nnU-Net v2 "channel_names"), or None
-    when there is no file or no such entry."""
+def _modalities_json(path: Path):
+    """Each input channel's modality in channel order, from a dataset.json (MSD "modality": {"0": "FLAIR", "1": "T1w"},
+    nnU-Net v2 "channel_names"), or None when there is no file or no such entry."""
     try:
         js = json.loads(path.read_text())
-        return str((js.get('modality') or js['channel_names'])['0'])
+        channels = js.get('modality') or js['channel_names']
+        return [str(channels[str(i)]) for i in range(len(channels))]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
+def _listing(d: Path) -> dict:
+    """{stem: file} of the images in a folder; two files of one stem (c.nii beside c.nii.gz) are refused. The MSD
+    archives carry macOS '._*' resource files beside every volume: not images."""
+    found = {}
+    for p in sorted(d.iterdir()):
+        if p.name.startswith('.') or not (is_nifti(p) or p.suffix.lower() in IMAGE_EXTS):
+            continue
+        if _stem(p) in found:
+            raise DataError(f'{found[_stem(p)]} and {p}: two files for case {_stem(p)}; keep one of them')
+        found[_stem(p)] = p
+    return found
+
+
 def read_msd(root: Path):
-    """Medical Segmentation Decathlon / nnU-Net: imagesTr/<id>.nii.gz (or <id>_0000.nii.gz), labelsTr/<id>.nii.gz."""
+    """Medical Segmentation Decathlon / nnU-Net: imagesTr/<id>.nii.gz (one file; a 4D one holds the channels) or the
+    nnU-Net channel files <id>_0000.nii.gz, <id>_0001.nii.gz ..., and labelsTr/<id>.nii.gz."""
     images_dir, labels_dir = root / 'imagesTr', root / 'labelsTr'
     for d in (images_dir, labels_dir):
         if not d.is_dir():
             raise DataError(f'{d}: folder not found (data.layout msd expects imagesTr/ and labelsTr/ in data.root)')
-
-    def listing(d):  # the MSD archives carry macOS '._*' resource files beside every volume: not images
-        return {_stem(p): p for p in sorted(d.iterdir())
-                if not p.name.startswith('.') and (is_nifti(p) or p.suffix.lower() in IMAGE_EXTS)}
-    images, labels = listing(images_dir), listing(labels_dir)
-    cases = []
+    images, labels = _listing(images_dir), _listing(labels_dir)
+    channels = {}  # case id -> {channel index: file}
     for stem, image in images.items():
-        cid = stem
-        if stem not in labels and re.fullmatch(r'.+_\d{4}', stem):  # nnU-Net v2 channel suffix
-            cid = stem[:-5]
-            if not stem.endswith('_0000'):
-                raise DataError(f'{image}: extra input channel {stem[-4:]}; tpp reads one channel per case, list the '
-                                f'one to use in a csv manifest (data.layout: csv)')
+        suffix = re.fullmatch(r'(.+)_(\d{4})', stem)
+        if stem not in labels and suffix:  # nnU-Net v2 channel suffix
+            channels.setdefault(suffix.group(1), {})[int(suffix.group(2))] = image
+        else:
+            channels.setdefault(stem, {})[0] = image
+    cases = []
+    for cid, files in channels.items():
+        if sorted(files) != list(range(len(files))):
+            gap = min(set(range(len(files) + 1)) - set(files))
+            raise DataError(f'{files[max(files)]}: channel files of case {cid} are {sorted(files)}, without '
+                            f'{cid}_{gap:04d}; nnU-Net numbers the channels 0000, 0001, ... without gaps')
         if cid not in labels:
-            raise DataError(f'{image}: no mask {labels_dir / (cid + ".nii.gz")}')
-        cases.append(Case(cid, image, labels[cid], None))
+            raise DataError(f'{files[0]}: no mask {labels_dir / (cid + ".nii.gz")}')
+        cases.append(Case(cid, files[0], labels[cid], None,
+                          extra_channels=tuple(files[k] for k in range(1, len(files)))))
     orphans = sorted(set(labels) - {c.id for c in cases})
     if orphans:
         raise DataError(f'{labels[orphans[0]]}: mask without an image in {images_dir}')
     js = root / 'dataset.json'
     return cases, {'class_names': _label_names_json(js) if js.exists() else None, 'label_names': None,
-                   'modality': _modality_json(js)}
+                   'modalities': _modalities_json(js)}
 
 
 def read_csv(path: Path):
@@ -325,7 +405,7 @@ def read_csv(path: Path):
                           labels[n - 2] if 'label' in columns else None, row.get('split')))
     js = path.parent / 'dataset.json'  # optional segmentation class names, as in the msd layout
     return cases, {'class_names': _label_names_json(js) if js.exists() and 'mask' in columns else None,
-                   'label_names': label_names, 'modality': _modality_json(js)}
+                   'label_names': label_names, 'modalities': _modalities_json(js)}
 
 
 def read_folder(root: Path, suffix: str):
@@ -370,8 +450,9 @@ def read_folder(root: Path, suffix: str):
 
 
 def read_medmnist(path: Path):
-    """MedMNIST v2 .npz: <split>_images uint8 (N, H, W), (N, H, W, 3) or (N, D, H, W) and <split>_labels (N, 1) for
-    split train / val / test. Each image is a case in the file's own split, its path naming it in the file (in_npz)."""
+    """MedMNIST v2 .npz: <split>_images uint8 (N, H, W) or (N, H, W, 1) grey, (N, H, W, 3) RGB or (N, D, H, W) 3D, and
+    <split>_labels (N, 1) for split train / val / test. Each image is a case in the file's own split, its path naming
+    it in the file (in_npz)."""
     if not path.is_file():
         raise DataError(f'{path}: file not found (data.root for data.layout medmnist is the .npz file)')
     arrays, cases = read_npz(path), []
@@ -381,9 +462,11 @@ def read_medmnist(path: Path):
                 raise DataError(f'{path}: no {key!r} array (it has {sorted(arrays)}); a MedMNIST file holds '
                                 f'train/val/test_images and train/val/test_labels')
         images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
-        if images.ndim not in (3, 4) or images.dtype != np.uint8:
+        if (images.ndim not in (3, 4) or images.dtype != np.uint8 or
+                _npz_channels_last(images.shape[1:]) and images.shape[-1] not in (1, 3)):
+            alpha = ' (RGBA: keep the colour, images[..., :3])' if images.shape[-1] == 4 else ''
             raise DataError(f'{path}: {split}_images has shape {images.shape} and dtype {images.dtype}; expected uint8 '
-                            f'(N, H, W), (N, H, W, 3) or (N, D, H, W)')
+                            f'(N, H, W) or (N, H, W, 1) grey, (N, H, W, 3) RGB or (N, D, H, W) 3D{alpha}')
         if labels.ndim != 2 or len(labels) != len(images):
             raise DataError(f'{path}: {split}_labels has shape {labels.shape} for {len(images)} {split}_images; '
                             f'expected ({len(images)}, 1)')
@@ -417,19 +500,20 @@ def _check_intensity(dcfg, auto=True):
 
 def resolve_intensity(mode: str, cases: list[Case], names: dict) -> tuple[str, str]:
     """(mode, what to log): an explicit data.intensity as it is; auto becomes none for MedMNIST arrays (uint8 / 255),
-    percentile for 2D image files and for NIfTI whose dataset.json names another modality than CT (MRI, T2, FLAIR),
-    and window for the other NIfTI volumes, read as CT in Hounsfield units. cases, names: from read_cases."""
+    percentile for 2D image files and for NIfTI whose dataset.json names a channel of another modality than CT (MRI,
+    T2, FLAIR), and window for the other NIfTI volumes, read as CT in Hounsfield units. The mode applies to each
+    channel on its own (percentiles per sequence). cases, names: from read_cases."""
     if mode != 'auto':
         return mode, mode
-    modality = names.get('modality')
+    modalities = names.get('modalities')
     if all(in_npz(c.image) for c in cases):
         mode, why = 'none', 'MedMNIST arrays'
     elif not all(is_nifti(c.image) for c in cases):
         mode, why = 'percentile', '2D image files'
-    elif modality and modality.upper() != 'CT':
-        mode, why = 'percentile', f'NIfTI volumes, dataset.json modality {modality}'
+    elif modalities and any(m.upper() != 'CT' for m in modalities):
+        mode, why = 'percentile', f"NIfTI volumes, dataset.json modality {', '.join(modalities)}"
     else:
-        mode, why = 'window', f"NIfTI volumes, {'dataset.json modality CT' if modality else 'read as CT'}"
+        mode, why = 'window', f"NIfTI volumes, {'dataset.json modality CT' if modalities else 'read as CT'}"
     return mode, f'auto -> {mode} ({why})'
 
 
@@ -462,20 +546,44 @@ def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
     return cases, names
 
 
-def prepare(dcfg: dict, cache_dir, task=None) -> tuple[list[Case], dict]:
+def resolve_in_chans(configured, chans: int, colour: bool) -> tuple[int, str]:
+    """(model.in_chans, what to log) from the data's channels per image (validate: chans, colour for RGB images). null
+    follows the data; a fixed value wins where the data can be read so (grey repeats to any count, colour becomes grey
+    for 1), else a DataError naming the key."""
+    kind = 'colour images' if colour else f'{chans} channels per image' if chans > 1 else 'grey images'
+    if configured is None:
+        return chans, f'null -> {chans} ({kind})'
+    if configured == chans:
+        return chans, f'{chans} ({kind})'
+    if chans == 1:
+        return configured, f'{configured} (grey images repeated to {configured} channels)'
+    if colour and configured == 1:
+        return 1, "1: colour images converted to grey (ITU-R 601-2 luma, as PIL 'L')"
+    raise DataError(f"model.in_chans: {configured} does not fit the data's {kind}; set it to null (follows the "
+                    f"data) or {chans}{' (or 1: grey)' if colour else ''}")
+
+
+def prepare(dcfg: dict, cache_dir, task=None, in_chans=None) -> tuple[list[Case], dict]:
     """Resolve data.layout (read_cases) and data.intensity, then validate every case; with a task ('classification' /
     'segmentation') also refuse data with one class for it. Returns (cases, info) with info keys num_classes_seg
-    (incl. background) or None, num_classes_cls or None, and intensity, the line to log about data.intensity. auto
-    is resolved here, in dcfg itself, so SliceDataset and the run's config.yaml (resume compares it) get the mode."""
+    (incl. background) or None, num_classes_cls or None, intensity, the line to log about data.intensity, in_chans,
+    the model's input channels (model.in_chans `in_chans` resolved from the data: resolve_in_chans), and channels,
+    the line to log about it. auto is resolved here, in dcfg itself, so SliceDataset and the run's config.yaml
+    (resume compares it) get the mode; the stage sets model.in_chans from info['in_chans'] for the same reasons."""
     _check_intensity(dcfg)
     cases, names = read_cases(dcfg, cache_dir)
     dcfg['intensity'], intensity = resolve_intensity(dcfg['intensity'], cases, names)
-    return cases, {**validate(cases, names, dcfg, task), 'intensity': intensity}
+    checked = validate(cases, names, dcfg, task)
+    chans, line = resolve_in_chans(in_chans, checked.pop('chans'), checked.pop('colour'))
+    _check_norm(dcfg, chans)
+    return cases, {**checked, 'intensity': intensity, 'in_chans': chans, 'channels': line}
 
 
 def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
     """Decode every file once and check it; the first problem raises a DataError naming the file. Returns the class
-    counts: names from dataset.json / class folders / label names when there are some, else the largest value + 1."""
+    counts: names from dataset.json / class folders / label names when there are some, else the largest value + 1;
+    and chans, the channels per image (the most: grey images go with colour ones), and colour, whether they are RGB
+    colour (2D image files, MedMNIST) rather than sequences (4D NIfTI, nnU-Net channel files)."""
     if dcfg['intensity'] == 'window':
         flat = [c.image for c in cases if not is_nifti(c.image)]
         if flat:
@@ -484,21 +592,25 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
     configured = dcfg.get('num_classes')
     seg_k = configured or (len(names['class_names']) if names['class_names'] else None)
     seen, top = set(), None  # mask values over all masks, and the mask holding the largest
+    first = {}  # (channels, colour) -> the first image that has them
     for c in cases:
         if not (c.image.exists() or in_npz(c.image)):
             raise DataError(f'{c.image}: image file not found (case {c.id})')
-        image, affine = load(c.image)
+        image, affine = load_image(c, colour=True)
         if image.dtype.kind == 'f' and not np.isfinite(image).all():
             raise DataError(f'{c.image}: {(~np.isfinite(image)).sum()} NaN/Inf voxels; replace them (for example '
                             f'with the background value) or leave the case out')
+        chans = channels_of(image)
+        first.setdefault((len(chans), len(chans) > 1 and not (is_nifti(c.image) or c.extra_channels)), c.image)
+        shape = chans[0].shape
         if c.mask is None:
             continue
         for path in (c.mask, *c.extra_masks):
             if not path.exists():
                 raise DataError(f'{path}: mask file not found (image {c.image})')
             mask, mask_affine = load(path, mask=True)
-            if mask.shape != image.shape:
-                raise DataError(f'{path}: mask shape {mask.shape} differs from image {c.image} shape {image.shape} '
+            if mask.shape != shape:
+                raise DataError(f'{path}: mask shape {mask.shape} differs from image {c.image} shape {shape} '
                                 f'(both in canonical orientation)')
             if affine is not None and mask_affine is not None and not np.allclose(affine, mask_affine, atol=1e-3):
                 raise DataError(f'{path}: mask affine differs from image {c.image} affine (the mask is not on the '
@@ -540,7 +652,22 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
             raise DataError(f'{labelled[0].image} and the others: all {len(labelled)} labelled images have class '
                             f'{k}{name}; classification needs two classes or more (check the labels in data.root)')
     seg_k = seg_k or (max(max(seen) + 1, 2) if seen else None)
-    return {'num_classes_seg': seg_k, 'num_classes_cls': cls_k}
+    return {'num_classes_seg': seg_k, 'num_classes_cls': cls_k, **_check_channels(first, names.get('modalities'))}
+
+
+def _check_channels(first: dict, modalities) -> dict:
+    """{'chans', 'colour'} of the data from validate's {(channels, colour): first image}: grey and colour images may
+    mix (grey repeats to 3 channels); sequence images (not colour) must all have one count, dataset.json's if it
+    lists the channels."""
+    (chans, colour), path = max(first.items())
+    if len(first) > 1 and any(n > 1 and not col for n, col in first):
+        ((n, _), p), ((m, _), q) = sorted(first.items())[:2]
+        raise DataError(f'{q}: {m} channel(s), but {p} has {n}; every image of a multi-channel (multi-sequence) '
+                        f'data set needs the same channels')
+    if modalities and not colour and chans != len(modalities):
+        raise DataError(f'{path}: {chans} channel(s), but dataset.json lists {len(modalities)} '
+                        f'({", ".join(modalities)})')
+    return {'chans': chans, 'colour': colour}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,7 +769,7 @@ def random_views(images: torch.Tensor, dcfg: dict, crop_scale) -> torch.Tensor:
 
 
 def resize(image: torch.Tensor, mask: torch.Tensor | None, size: int):
-    """image (1, 1, H, W) -> (1, 1, S, S) antialiased bilinear; mask nearest-exact, which samples the same pixel
+    """image (1, C, H, W) -> (1, C, S, S) antialiased bilinear; mask nearest-exact, which samples the same pixel
     centres as bilinear with align_corners=False (plain 'nearest' is shifted by half a pixel)."""
     if image.shape[-2:] != (size, size):
         image = F.interpolate(image, (size, size), mode='bilinear', antialias=True, align_corners=False)
@@ -652,9 +779,11 @@ def resize(image: torch.Tensor, mask: torch.Tensor | None, size: int):
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """2D slices of the cases. task: None (images only, stage 1: applies data.skip_empty), 'classification' (every
-    slice of a volume carries its case label) or 'segmentation'. Items are ordered by case, then slice. Decoded files
-    stay in the dataset's own cache of data.cache_mb (each DataLoader worker has its copy)."""
+    """2D slices of the cases, in_chans channels each. task: None (images only, stage 1: applies data.skip_empty),
+    'classification' (every slice of a volume carries its case label) or 'segmentation'. Items are ordered by case,
+    then slice. Grey images repeat to in_chans channels; colour ones are read as grey for in_chans 1; otherwise an
+    image's channels must be in_chans. Decoded files stay in the dataset's own cache of data.cache_mb (each
+    DataLoader worker has its copy)."""
 
     def __init__(self, cases, dcfg, img_size, in_chans, task, train):
         if task not in (None, 'classification', 'segmentation'):
@@ -672,11 +801,14 @@ class SliceDataset(torch.utils.data.Dataset):
                 raise DataError(f'{c.image}: no {need} for task {task}')
         self.index, self.skipped = [], 0  # index: (case index, slice index); skipped: near-empty slices dropped
         for ci, c in enumerate(self.cases):
-            arr = self.load(c.image)[0]
-            n = arr.shape[self.axis] if arr.ndim == 3 else 1
+            chans = self.channels(c)
+            if len(chans) not in (1, in_chans):
+                raise DataError(f'{c.image}: {len(chans)} channels for model.in_chans {in_chans}; set model.in_chans '
+                                f'to {len(chans)} or null (follows the data)')
+            n = chans[0].shape[self.axis] if chans[0].ndim == 3 else 1
             keep = np.ones(n, bool)
             if task is None and dcfg['skip_empty'] > 0:
-                keep = self._body_fraction(c.image, arr) >= dcfg['skip_empty']
+                keep = self._body_fraction(c.image, chans) >= dcfg['skip_empty']
                 self.skipped += int((~keep).sum())
             self.index += [(ci, s) for s in np.flatnonzero(keep).tolist()]
         if not self.index:
@@ -686,17 +818,22 @@ class SliceDataset(torch.utils.data.Dataset):
     def load(self, path, mask=False):
         return self.files.get((str(path), mask), lambda: load(path, mask))
 
-    def _range(self, path, arr):
-        """[lo, hi] of one image, computed once (percentiles need the whole volume)."""
+    def channels(self, case) -> list[np.ndarray]:
+        """The case's image channels (channels_of(load_image)), cached; colour kept unless in_chans is 1."""
+        image = self.files.get((str(case.image), 'channels'), lambda: load_image(case, colour=self.in_chans > 1))
+        return channels_of(image[0])
+
+    def _range(self, path, chans):
+        """[(lo, hi)] of one image, per channel, computed once (percentiles need the whole volume)."""
         if path not in self.ranges:
-            self.ranges[path] = intensity_range(arr, self.dcfg)
+            self.ranges[path] = [intensity_range(ch, self.dcfg) for ch in chans]
         return self.ranges[path]
 
-    def _body_fraction(self, path, arr):
-        """Per slice: fraction of pixels above BODY_LEVEL after intensity scaling."""
-        lo, hi = self._range(path, arr)
-        body = arr > lo + BODY_LEVEL * (hi - lo)
-        if arr.ndim == 2:
+    def _body_fraction(self, path, chans):
+        """Per slice: fraction of pixels above BODY_LEVEL after intensity scaling, in any channel."""
+        body = functools.reduce(np.logical_or, [ch > lo + BODY_LEVEL * (hi - lo)
+                                                for ch, (lo, hi) in zip(chans, self._range(path, chans))])
+        if body.ndim == 2:
             return np.array([body.mean()])
         return body.mean(axis=tuple(a for a in range(3) if a != self.axis))
 
@@ -710,16 +847,16 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ci, s = self.index[i]
         case = self.cases[ci]
-        arr = self.load(case.image)[0]
-        x = torch.from_numpy(take_slice(arr, self.axis, s).astype(np.float32))
-        x = to_unit(x, *self._range(case.image, arr))[None, None]  # (1, 1, H, W)
+        chans = self.channels(case)
+        x = torch.stack([to_unit(torch.from_numpy(take_slice(ch, self.axis, s).astype(np.float32)), lo, hi)
+                         for ch, (lo, hi) in zip(chans, self._range(case.image, chans))])[None]  # (1, c, H, W)
         m = None
         if self.task == 'segmentation':
             m = torch.from_numpy(take_slice(load_mask(case, self.load), self.axis, s).astype(np.float32))[None, None]
         x, m = resize(x, m, self.size)
         if self.train:
             x, m = warp(x, m, random_affine(self.dcfg['augment']))
-        x = normalize(x[0].expand(self.in_chans, -1, -1), self.dcfg['mean'], self.dcfg['std'])  # (C, S, S)
+        x = normalize(x[0].expand(self.in_chans, -1, -1), self.dcfg['mean'], self.dcfg['std'])  # (C, S, S); grey repeats
         item = {'image': x.contiguous(), 'case': ci, 'slice': s}
         if self.task == 'classification':
             item['label'] = torch.tensor(case.label, dtype=torch.int64)

@@ -162,15 +162,15 @@ def external_config(dcfg):
     return ext
 
 
-def prepare_external(ext, cache_dir, task, num_classes, dcfg):
-    """The external set's cases, read and checked as the main data's (prepare); its class count for the task must be
-    the main data's. Returns (cases, info) as prepare does."""
-    cases, info = data.prepare(ext, cache_dir, task)
+def prepare_external(ext, cfg, task, num_classes):
+    """The external set's cases, read and checked as the main data's (prepare, for the model's resolved in_chans);
+    its class count for the task must be the main data's. Returns (cases, info) as prepare does."""
+    cases, info = data.prepare(ext, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])
     k = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if k != num_classes:
         raise data.DataError(f'data.external_*: the external test set {data_name(ext)} has {k or "no"} {task} '
-                             f'classes, the main data {data_name(dcfg)} {num_classes}: an external test set must be '
-                             f'of the same task, with the same classes')
+                             f"classes, the main data {data_name(cfg['data'])} {num_classes}: an external test set "
+                             f'must be of the same task, with the same classes')
     return cases, info
 
 
@@ -265,7 +265,8 @@ def main(args):
     if task not in ('classification', 'segmentation'):
         raise config.ConfigError(f"finetune.task: '{task}' is not one of classification, segmentation")
     ext_dcfg = external_config(dcfg)                                # the external test set's data config, or None
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task)   # checked first: stage 0 can take minutes
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])   # checked first:
+    cfg['model']['in_chans'] = info['in_chans']                  # stage 0 can take minutes; the model follows the data
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
         raise config.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
@@ -275,14 +276,15 @@ def main(args):
     sets = {s: data.SliceDataset(splits[s], dcfg, arch['img_size'], arch['in_chans'], task, train=s == 'labelled')
             for s in ('labelled', 'val', 'test')}
     if ext_dcfg:                                                    # all of its cases: no split
-        ext_cases, ext_info = prepare_external(ext_dcfg, cfg['run']['cache_dir'], task, num_classes, dcfg)
+        ext_cases, ext_info = prepare_external(ext_dcfg, cfg, task, num_classes)
         sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task, train=False)
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
     run.log(f"data.intensity {info['intensity']}")
+    run.log(f"model.in_chans {info['channels']}")
     if ext_dcfg:
         run.log(f"external test set: {data_name(ext_dcfg)}, {len(ext_cases)} cases, data.intensity "
-                f"{ext_info['intensity']}")
+                f"{ext_info['intensity']}, model.in_chans {ext_info['channels']}")
     start = time.time()
     run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
             f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")

@@ -485,6 +485,8 @@ def vit_kwargs(model_cfg):
     else:
         raise ValueError(f'model.preset {preset!r} is unknown; valid: {", ".join(PRESETS)} or null')
     kwargs.update({k: v for k, v in cfg.items() if v is not None})
+    if 'in_chans' in cfg and cfg['in_chans'] is None:   # null follows the data: the stages resolve it (data.prepare)
+        kwargs['in_chans'] = 1                            # before building; where no data is read, images are grey
     lacking = [k for k in _VIT_ARGS if k not in kwargs]
     if lacking:
         raise ValueError(f'model.preset is null: give every size, missing {", ".join("model." + k for k in lacking)}')

@@ -151,26 +151,37 @@ def _resize_pos_embed(key, pos, shape):
     return torch.cat([pos[:, :1].float(), grid], dim=1), f'{key} {G}x{G}->{g}x{g}'
 
 
+def _channel_map(c, C):
+    """(C, c) 0/1: model channel j takes checkpoint channel i when i = j modulo min(c, C), so the checkpoint's
+    channels repeat cyclically (c < C) or fold onto the model's (c > C)."""
+    m = min(c, C)
+    return (torch.arange(C)[:, None] % m == torch.arange(c)[None] % m).float()
+
+
 def _adapt_patch_embed(key, w, shape):
-    """(D, c, p, p) -> (D, C, p, p) such that a C-channel image made of one repeated grey channel gives the same
-    embedding as the grey image through the original: 3->1 sums the channel weights, 1->3 repeats them / 3."""
+    """(D, c, p, p) -> (D, C, p, p), as timm's adapt_input_conv: the channels repeat cyclically to C (or fold, summed,
+    onto C < c), each checkpoint channel's weight split evenly over its copies. A grey image repeated to C channels
+    then embeds as the checkpoint embeds it repeated to c: 3->1 sums, 1->C repeats / C, 3->6 repeats / 2 (timm's
+    3/C); 3->2 and 3->4 split the repeated channel (timm's uniform 3/C scale would not keep this)."""
     c, C = w.shape[1], shape[1]
-    if w.shape[:1] + w.shape[2:] != shape[:1] + shape[2:] or 1 not in (c, C):
+    if w.shape[:1] + w.shape[2:] != shape[:1] + shape[2:]:
         raise CheckpointError(f'{key}: checkpoint shape {tuple(w.shape)} cannot be adapted to the model shape '
                               f'{tuple(shape)}')
-    w = w.sum(dim=1, keepdim=True) if C == 1 else w.repeat(1, C, 1, 1) / C
-    return w, f'{key} {c}->{C} channels'
+    share = _channel_map(c, C)
+    share = share / share.sum(0)                                       # (C, c): each column sums to 1
+    return torch.einsum('ji,di...->dj...', share, w.float()).to(w.dtype), f'{key} {c}->{C} channels'
 
 
 def _adapt_decoder_pred(key, w, shape, pixels):
-    """decoder_pred rows are (pixel, channel), channel fastest: 3->1 averages the channel rows (the grey value),
-    1->3 copies them (each channel predicts the grey value)."""
+    """decoder_pred rows are (pixel, channel), channel fastest: each model channel predicts the mean of the checkpoint
+    channels it takes (_channel_map): 3->1 averages (the grey value), 1->C copies (each channel predicts the grey)."""
     c, C = w.shape[0] // pixels, shape[0] // pixels
-    if w.shape[0] % pixels or w.shape[1:] != shape[1:] or 1 not in (c, C):
+    if w.shape[0] % pixels or w.shape[1:] != shape[1:]:
         raise CheckpointError(f'{key}: checkpoint shape {tuple(w.shape)} cannot be adapted to the model shape '
                               f'{tuple(shape)}')
-    w = w.reshape(pixels, c, *w.shape[1:])
-    w = w.mean(dim=1, keepdim=True) if C == 1 else w.repeat(1, C, *[1] * (w.ndim - 2))
+    mean = _channel_map(c, C)
+    mean = mean / mean.sum(1, keepdim=True)                            # (C, c): each row sums to 1
+    w = torch.einsum('ji,pi...->pj...', mean, w.reshape(pixels, c, *w.shape[1:]).float()).to(w.dtype)
     return w.reshape(shape), f'{key} {c}->{C} channels'
 
 

@@ -114,11 +114,13 @@ def main(args):
     dino = pcfg['pretext'] == 'dino'
     if pcfg['decoder_warmup_steps'] and (dino or not pcfg['train_decoder']):
         raise config.ConfigError('pretrain.decoder_warmup_steps: only for pretext mae with train_decoder: true')
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])  # checked first: stage 0 can take minutes
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], in_chans=cfg['model']['in_chans'])  # checked first:
+    cfg['model']['in_chans'] = info['in_chans']                  # stage 0 can take minutes; the model follows the data
     models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     run = engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth')   # the folder is made when training starts
     run.log(f"data.intensity {info['intensity']}")
+    run.log(f"model.in_chans {info['channels']}")
     train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
     arch = models.vit_kwargs(cfg['model'])
     size, chans = arch['img_size'], arch['in_chans']

@@ -237,7 +237,8 @@ def test_msd_layout_with_nnunet_names_and_junk(tmp_path, dcfg):
     cases, info = data.prepare(dict(dcfg, layout='msd', root=str(root)), tmp_path)
     assert [c.id for c in cases] == ['c0', 'c1', 'c2']
     assert info == {'num_classes_seg': 2, 'num_classes_cls': None,       # from dataset.json's two labels
-                    'intensity': 'auto -> window (NIfTI volumes, read as CT)'}
+                    'intensity': 'auto -> window (NIfTI volumes, read as CT)', 'in_chans': 1,
+                    'channels': 'null -> 1 (grey images)'}
 
 
 def test_csv_layout_names_labels_and_png(tmp_path, dcfg):
@@ -280,7 +281,8 @@ def test_medmnist_2d_uses_the_files_splits_and_memory(tmp_path, dcfg):
     path, npz = medmnist_npz(tmp_path / 'pneumoniamnist.npz')
     dcfg.update(layout='medmnist', root=str(path), mean=[0.0], std=[1.0], label_fraction=0.5)   # intensity auto
     cases, info = data.prepare(dcfg, tmp_path)
-    assert info == {'num_classes_seg': None, 'num_classes_cls': 3, 'intensity': 'auto -> none (MedMNIST arrays)'}
+    assert info == {'num_classes_seg': None, 'num_classes_cls': 3, 'intensity': 'auto -> none (MedMNIST arrays)',
+                    'in_chans': 1, 'channels': 'null -> 1 (grey images)'}
     assert len(cases) == 14
     assert list(tmp_path.iterdir()) == [path]                                  # nothing written: read from memory
     splits = data.split_cases(cases, dcfg)

@@ -15,6 +15,7 @@ import data
 import engine
 import finetune
 import pretrain_backbone
+import pretrain_targets
 import synthetic
 from conftest import args, tiny_config
 from test_data import dcfg  # noqa: F401  (fixture)
@@ -38,7 +39,7 @@ def test_site_0_writes_the_reference_files_byte_for_byte(tmp_path):
     assert digest(tmp_path / 'ct') == '1a11458de18ec649d8e17d66c2717183a597ad2254bad2e5388f3f41b92d04d1'
     assert digest(tmp_path / 'us') == 'b4504a88c0eef8a38da3b830074f61f8a6219cee0ad3d136a7b0ccd39b856e97'
     assert synthetic.GENERATOR_VERSION == 2 and synthetic.SITES[0] == dict(gain=1, noise=1, resolution=1, contrast=1)
-    cfg = config.load_config(config.REFERENCE_CONFIG)
+    cfg = config.load_config(config.REFERENCE_CONFIG, ['model.in_chans=1'])           # as the stages resolve it
     assert pretrain_backbone.default_path(cfg)[0].name == 'backbone-7434eacbb9.pth'    # the shipped one
 
 
@@ -97,7 +98,7 @@ def test_synthetic_mri_writes_a_4d_msd_set_whose_sub_regions_need_several_sequen
     dcfg['layout'] = 'synthetic_mri'
     cases, names = data.read_cases(dcfg, tmp_path / 'cache')
     assert [c.label for c in cases] == [0, 1, 0, 1] and names['label_names'] == synthetic.MRI_GRADES
-    assert names['class_names'] == synthetic.MRI_CLASSES and names['modality'] == 'T1'
+    assert names['class_names'] == synthetic.MRI_CLASSES and names['modalities'] == synthetic.MRI_SEQUENCES
 
 
 def test_site_outside_the_built_in_sites_is_refused(tmp_path, dcfg):
@@ -122,7 +123,8 @@ def test_external_metrics_equal_evaluating_that_data_as_a_test_split(tmp_path, c
     run_cfg = config.load_config(cfg)
     run = engine.Run(run_cfg, 'reevaluate')
     dcfg = {**run_cfg['data'], 'site': 1}
-    cases, info = data.prepare(dcfg, str(cache), task)
+    cases, info = data.prepare(dcfg, str(cache), task, run_cfg['model']['in_chans'])
+    run_cfg['model']['in_chans'] = info['in_chans']
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     model, _ = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), num_classes, 'linear')
     engine.load_trainable_state(model, torch.load(run_dir / 'best.pth', weights_only=False)['model'])
@@ -152,3 +154,16 @@ def test_external_set_errors_come_before_anything_runs(tmp_path, cache, monkeypa
     with pytest.raises(data.DataError, match='imagesTr: folder not found'):
         finetune.main(args(cfg, 'data.external_layout=msd', f'data.external_root={tmp_path}'))
     assert not (tmp_path / 'runs').exists()
+
+
+def test_synthetic_mri_through_both_stages(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(synthetic, 'SYNTH_MRI', dict(n_cases=16, shape=(48, 48, 12), spacing=(5.0, 5.0, 12.0)))
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1})
+    mri = 'data.layout=synthetic_mri'
+    targets = pretrain_targets.main(args(cfg, mri))
+    log = (targets.parent / 'log.txt').read_text()
+    assert 'data.intensity auto -> percentile (NIfTI volumes, dataset.json modality T1, T2, FLAIR)' in log
+    assert 'model.in_chans null -> 3 (3 channels per image)' in log
+    for task, key in (('segmentation', 'dice_2'), ('classification', 'auc')):
+        metrics = json.loads((finetune.main(args(cfg, mri, f'finetune.task={task}')) / 'metrics.json').read_text())
+        assert np.isfinite(metrics['test'][key]) and metrics['history'][0]['train_loss'] > 0

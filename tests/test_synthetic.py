@@ -62,7 +62,8 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
     cases, info = data.prepare(dcfg, tmp_path)
     assert len(cases) == 4 and all(c.mask and c.label is not None for c in cases)
     assert info == {'num_classes_seg': len(synthetic.CT_CLASSES), 'num_classes_cls': len(synthetic.CT_KINDS),
-                    'intensity': 'auto -> window (NIfTI volumes, dataset.json modality CT)'}
+                    'intensity': 'auto -> window (NIfTI volumes, dataset.json modality CT)', 'in_chans': 1,
+                    'channels': 'null -> 1 (grey images)'}
     (folder,) = list(tmp_path.iterdir())  # no temporary folder left beside it
     assert folder.name == (f'synthetic_ct-v{synthetic.GENERATOR_VERSION}-seed0-n_cases4-shape24x24x6-'
                            'spacing14.4x14.4x20.0')
@@ -74,7 +75,8 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
     dcfg.update(layout='synthetic_us', intensity='auto')
     cases, info = data.prepare(dcfg, tmp_path)
     assert len(cases) == 6 and info == {'num_classes_seg': 2, 'num_classes_cls': len(synthetic.US_CLASSES),
-                                        'intensity': 'auto -> percentile (2D image files)'}
+                                        'intensity': 'auto -> percentile (2D image files)',
+                                        'in_chans': 1, 'channels': 'null -> 1 (grey images)'}
     assert [c.label for c in cases] == [0, 0, 1, 1, 2, 2] and cases[0].id.startswith(synthetic.US_CLASSES[0])
 
 
