@@ -94,6 +94,9 @@ def test_synthetic_mri_writes_a_4d_msd_set_whose_sub_regions_need_several_sequen
         like = (m == 0) & (np.abs(x[..., 0] - oedema[0]) < 0.2 * oedema[0])            # oedema's T1 (cortex)
         assert like.sum() > (m == 1).sum() and x[like][:, 2].mean() < 0.75 * oedema[2]
 
+    cases, names = data.read_msd(root)                                                 # a real MSD tree too
+    assert [c.id for c in cases] == ['mri_000', 'mri_001'] and names['modalities'] == synthetic.MRI_SEQUENCES
+
     monkeypatch.setattr(synthetic, 'SYNTH_MRI', dict(n_cases=4, shape=(40, 40, 12), spacing=(6.0, 6.0, 12.0)))
     dcfg['layout'] = 'synthetic_mri'
     cases, names = data.read_cases(dcfg, tmp_path / 'cache')
