@@ -277,7 +277,8 @@ def main(args):
             for s in ('labelled', 'val', 'test')}
     if ext_dcfg:                                                    # all of its cases: no split
         ext_cases, ext_info = prepare_external(ext_dcfg, cfg, task, num_classes)
-        sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task, train=False)
+        sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task,
+                                             train=False)
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     run = engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json')
     run.log(f"data.intensity {info['intensity']}")
@@ -303,7 +304,7 @@ def main(args):
     engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
     test = evaluate(run, model, test_loader, task, num_classes)
     external = None
-    if ext_dcfg:                                                    # the same model, the same evaluation as the test split
+    if ext_dcfg:                                                    # the same model and evaluation as the test split
         ext_loader = engine.make_loader(run, sets['external'], fcfg['batch_size'], train=False)
         external = evaluate(run, model, ext_loader, task, num_classes)
     if fcfg['save_predictions'] and task == 'segmentation':

@@ -44,6 +44,7 @@ SITES = [dict(gain=1.0, noise=1.0, resolution=1.0, contrast=1.0),
          dict(gain=1.1, noise=1.6, resolution=1.6, contrast=0.85),   # an older scanner: noisier, softer, flatter
          dict(gain=0.9, noise=0.6, resolution=0.7, contrast=1.15)]   # a newer one: cleaner, sharper, more contrast
 
+
 def synthetic_root(kind: str, cache_dir, seed=SYNTH_SEED, site=0, **sizes) -> Path:
     """Folder of a synthetic set ('ct', 'mri', 'us' or 'upstream'; site: an index of SITES, not for 'upstream'),
     written on first use. The name holds the generator version, seed, site (site 0's folder has none) and sizes, so
@@ -144,9 +145,11 @@ def _ct_case(rng, shape, spacing, kind, site):
     hu[spleen] = liver_hu + rng.uniform(-5, 10)
     for side in (-1, 1):
         kx, ky = side * 0.36 * ax, -0.48 * ay
-        hu[inner & ~liver & ellipse(kx, ky, 0.13 * ax, 0.2 * ay) & (zn < 0.4)] = rng.uniform(140, 180) * site['contrast']
+        kidney = inner & ~liver & ellipse(kx, ky, 0.13 * ax, 0.2 * ay) & (zn < 0.4)
+        hu[kidney] = rng.uniform(140, 180) * site['contrast']
         hu[inner & ~liver & ellipse(kx - side * 3, ky, 0.06 * ax, 0.1 * ay) & (zn < 0.4)] = 40
-    hu[np.broadcast_to(ellipse(-0.08 * ax, -0.42 * ay, 10, 10), shape)] = rng.uniform(140, 200) * site['contrast']
+    aorta = np.broadcast_to(ellipse(-0.08 * ax, -0.42 * ay, 10, 10), shape)
+    hu[aorta] = rng.uniform(140, 200) * site['contrast']
     hu[np.broadcast_to(ellipse(0.12 * ax, -0.36 * ay, 11, 9), shape) & ~liver] = 90              # vena cava
     vert_y = -0.75 * ay
     disc = np.cos(2 * np.pi * z / rng.uniform(28, 34) + rng.uniform(0, 6.3)) > 0.8
