@@ -248,11 +248,11 @@ def _mri_case(rng, shape, spacing, grade, site):
     parenchyma = tissue >= 4
     inside = np.argwhere(white & (np.abs(x) > 15) & (rho < 0.6))
     cx, cy, cz = (inside[rng.integers(len(inside))] - (np.array(shape) - 1) / 2) * spacing
-    r = rng.uniform(14, 24) if grade == 0 else rng.uniform(10, 18)
+    r = rng.uniform(18, 30) if grade == 0 else rng.uniform(13, 22)
     stretch = rng.uniform(0.8, 1.25)
     rough = rng.uniform(0.2, 0.4) if grade == 0 else rng.uniform(0.0, 0.12)
     core = parenchyma & (_blob((x - cx) / r, (y - cy) / (r * stretch), (z - cz) / r, rng, rough) < 1)
-    spread = r * (rng.uniform(1.5, 2.2) if grade == 0 else rng.uniform(1.15, 1.5))
+    spread = r * (rng.uniform(1.35, 1.9) if grade == 0 else rng.uniform(1.1, 1.4))
     oedema = parenchyma & (_blob((x - cx) / spread, (y - cy) / spread, (z - cz) / spread, rng, 0.2) < 1)
     tissue[oedema] = 6
     tissue[core] = 7
