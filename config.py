@@ -186,6 +186,8 @@ MASK_RATIO = Float('[0, 1)')           # the fraction of patches removed: some m
 PROBABILITY = Float('[0, 1]')
 AREA_FRACTIONS = Pair(Float('(0, 1]'), strict=False)
 SIZE = Int('(0, inf)', null=True)      # null: the preset's value
+LAYOUTS = ('synthetic_ct', 'synthetic_mri', 'synthetic_us', 'msd', 'csv', 'folder', 'medmnist')
+SITE = Int('[0, 2]')                   # the built-in scanner sites (synthetic.SITES)
 RUN_NAME = Pattern(r'(?!\s*$|\.\.?$)[^/\\\0]+', 'a plain folder name (not empty, . or .., no / or \\): the run folder '
                    'is <run.out_dir>/<name>')
 
@@ -250,8 +252,12 @@ SCHEMA = {
     'peft.prompt.tokens': COUNT,
     'peft.prompt.deep': Bool(),
 
-    'data.layout': Choice('synthetic_ct', 'synthetic_us', 'msd', 'csv', 'folder', 'medmnist'),
+    'data.layout': Choice(*LAYOUTS),
     'data.root': Str(null=True),
+    'data.site': SITE,
+    'data.external_root': Str(null=True),
+    'data.external_layout': Choice(*LAYOUTS, null=True),
+    'data.external_site': SITE,
     'data.num_classes': Int('[2, inf)', null=True),
     'data.axis': Choice(0, 1, 2),
     'data.skip_empty': PROBABILITY,
@@ -311,7 +317,7 @@ def _rules(cfg, stage):
     yield (d['val_fraction'] + d['test_fraction'] >= 1,
            f"data.val_fraction + data.test_fraction must be < 1 (the rest trains), got {d['val_fraction']} + "
            f"{d['test_fraction']}")
-    yield (d['layout'] in ('msd', 'csv', 'folder', 'medmnist') and d['root'] is None,
+    yield (not d['layout'].startswith('synthetic') and d['root'] is None,
            f"data.root must be set for data.layout {d['layout']} (docs/data.md)")
     for key in ('mean', 'std'):   # model.in_chans null follows the data: data.prepare checks the lengths then
         yield (model['in_chans'] is not None and len(d[key]) not in (1, model['in_chans']),

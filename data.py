@@ -6,8 +6,8 @@
 
 Layouts (data.layout): msd (imagesTr/ + labelsTr/ [+ dataset.json]), csv (a manifest of image,label / image,mask),
 folder (root/<class>/*.png with x_mask.png beside x.png), medmnist (one MedMNIST v2 .npz, read into memory), and the
-built-in synthetic_ct / synthetic_us, which synthetic.py writes once into run.cache_dir in the msd+csv and folder
-layouts; they are read here like real data.
+built-in synthetic_ct / synthetic_mri / synthetic_us, which synthetic.py writes once into run.cache_dir in the
+msd+csv and folder layouts; they are read here like real data.
 
 Volumes are reoriented to the closest canonical (RAS) orientation and cut into 2D slices along data.axis; a 2D image
 is one slice. Channels (RGB colour, MSD 4D sequences, nnU-Net channel files) become the model's input channels, and
@@ -39,6 +39,7 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 INTENSITIES = ('window', 'percentile', 'none')   # prepare resolves data.intensity auto to one (resolve_intensity)
 BODY_LEVEL = 0.05          # a pixel above this (after scaling to [0, 1]) counts as body for data.skip_empty
 SPLITS = ('train', 'val', 'test')
+SYNTHETIC_LAYOUTS = ('synthetic_ct', 'synthetic_mri', 'synthetic_us')   # built in: synthetic.py writes them (data.site)
 
 
 class DataError(UserError, ValueError):
@@ -542,13 +543,13 @@ def resolve_intensity(mode: str, cases: list[Case], names: dict) -> tuple[str, s
 
 def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
     """The cases of data.layout and their names (layout readers), files listed but not decoded; the synthetic sets
-    are written to cache_dir on first use."""
+    (of data.site) are written to cache_dir on first use."""
     layout, root = dcfg['layout'], dcfg.get('root')
-    if layout == 'synthetic_ct':
-        root = synthetic.synthetic_root('ct', cache_dir)
+    if layout in SYNTHETIC_LAYOUTS:
+        root = synthetic.synthetic_root(layout.removeprefix('synthetic_'), cache_dir, site=dcfg['site'])
+    if layout in ('synthetic_ct', 'synthetic_mri'):
         cases, names = read_csv(root / 'manifest.csv')
     elif layout == 'synthetic_us':
-        root = synthetic.synthetic_root('us', cache_dir)
         cases, names = read_folder(root, '_mask')
         names['class_names'] = ['background', 'lesion']
     else:   # msd, csv, folder, medmnist: config.load_config makes sure data.root is set

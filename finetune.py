@@ -168,6 +168,48 @@ def volumes(dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The external test set: a second data set of the same task (another site, another public set)
+
+def data_name(dcfg):
+    """The data set a data config names, for messages: its layout and root, or a built-in layout's site."""
+    where = f"site {dcfg['site']}" if dcfg['layout'] in data.SYNTHETIC_LAYOUTS else dcfg['root']
+    return f"data.layout {dcfg['layout']} ({where})"
+
+
+def external_config(dcfg):
+    """The data config of the external test set (data.external_root / external_layout / external_site: the data
+    keys of a second data set, the other keys shared), or None when neither is set. Called before prepare resolves
+    data.intensity auto in dcfg, so the external set resolves its own."""
+    layout, root = dcfg['external_layout'] or dcfg['layout'], dcfg['external_root']
+    if root is None and dcfg['external_layout'] is None:
+        return None
+    builtin = layout in data.SYNTHETIC_LAYOUTS
+    if builtin and root is not None:
+        raise config.ConfigError(f'data.external_root: {root} is set, but the external layout {layout} is built in '
+                                 f'(it has no root; data.external_site picks its site): set data.external_layout to '
+                                 f'msd, csv, folder or medmnist, or external_root to null')
+    if not builtin and root is None:
+        raise config.ConfigError(f'data.external_root: must be set for the external layout {layout}')
+    ext = {**dcfg, 'layout': layout, 'root': root, 'site': dcfg['external_site'] if builtin else dcfg['site']}
+    if data_name(ext) == data_name(dcfg):
+        raise config.ConfigError(f'data.external_*: the external test set is the main data itself ({data_name(dcfg)}); '
+                                 f'name a second data set (for a built-in layout: another data.external_site)')
+    return ext
+
+
+def prepare_external(ext, cfg, task, num_classes):
+    """The external set's cases, read and checked as the main data's (prepare, for the model's resolved in_chans);
+    its class count for the task must be the main data's. Returns (cases, info) as prepare does."""
+    cases, info = data.prepare(ext, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])
+    k = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
+    if k != num_classes:
+        raise data.DataError(f'data.external_*: the external test set {data_name(ext)} has {k or "no"} {task} '
+                             f"classes, the main data {data_name(cfg['data'])} {num_classes}: an external test set "
+                             f'must be of the same task, with the same classes')
+    return cases, info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 def build_model(cfg, run, backbone_path, num_classes, init, source):
     """Backbone (+ targets) + task head, with exactly the parameters of this init method trainable. source: the data
@@ -299,6 +341,7 @@ def main(args):
     models.build_head(cfg, num_classes=2)                          # the model's shape rules (depth, patch size)
     if init in config.TARGET_INITS:
         lora.check_layers(cfg)
+    ext_dcfg = external_config(dcfg)                                # the external test set's data config, or None
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])   # checked first:
     cfg['model']['in_chans'] = info['in_chans']                  # stage 0 can take minutes; the model follows the data
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
@@ -309,6 +352,10 @@ def main(args):
     arch = models.vit_kwargs(cfg['model'])
     sets = {s: data.SliceDataset(splits[s], dcfg, arch['img_size'], arch['in_chans'], task, train=s == 'labelled')
             for s in ('labelled', 'val', 'test')}
+    if ext_dcfg:                                                    # all of its cases: no split
+        ext_cases, ext_info = prepare_external(ext_dcfg, cfg, task, num_classes)
+        sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task,
+                                             train=False)
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     with engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json',
                     stage='finetune') as run:
@@ -316,6 +363,11 @@ def main(args):
         run.log(f"model.in_chans {info['channels']}")
         for line in data.warning_lines(info['warnings']):
             run.log(line)
+        if ext_dcfg:
+            run.log(f"external test set: {data_name(ext_dcfg)}, {len(ext_cases)} cases, data.intensity "
+                    f"{ext_info['intensity']}, model.in_chans {ext_info['channels']}")
+            for line in data.warning_lines(ext_info['warnings']):
+                run.log(line)
         start = time.time()
         run.log(f"{task}: {len(splits['labelled'])} labelled training cases ({len(sets['labelled'])} slices, "
                 f"label_fraction {dcfg['label_fraction']}), {len(splits['val'])} val, {len(splits['test'])} test")
@@ -336,6 +388,10 @@ def main(args):
         engine.load_trainable_state(model, best['model'])              # test once, with the epoch validation chose
         test_preds = predict(run, model, test_loader, task, native=True)   # every rank its share; Dice on the own grid
         test = score(test_preds, test_loader.dataset, task, num_classes, native=True)
+        external = None
+        if ext_dcfg:                                                    # the same model and evaluation as the test split
+            ext_loader = engine.make_loader(run, sets['external'], fcfg['batch_size'], train=False)
+            external = evaluate(run, model, ext_loader, task, num_classes, native=True)
         diagnostics = lora_diagnostics(cfg, model, init)               # before the inference export merges LoRA
         if fcfg['save_predictions'] and task == 'segmentation':
             save_predictions(run, test_preds, test_loader.dataset, dcfg)   # the labels test scored; rank 0 writes
@@ -344,15 +400,21 @@ def main(args):
             metrics = {'task': task, 'init': init, 'best_epoch': best['epoch'], 'val': best['metrics'], 'test': test,
                        'params': counts, 'history': result['history'], 'seconds': round(time.time() - start, 1),
                        'label_fraction': dcfg['label_fraction'], 'seed': cfg['run']['seed'], **diagnostics}
+            if external:
+                metrics.update(external=external, external_data={'name': data_name(ext_dcfg), 'cases': len(ext_cases)})
             # last: metrics.json marks the run finished (a failure before it leaves a run that --resume completes)
             engine.atomic_write(json.dumps(metrics, indent=1), run.dir / 'metrics.json')
-            for k, v in test.items():
-                run.writer.add_scalar(f'test/{k}', v, result['steps'])
-            shown = {k: round(v, 4) for k, v in test.items() if k != 'score'}
+            for split, values in (('test', test), ('external', external or {})):
+                for k, v in values.items():
+                    run.writer.add_scalar(f'{split}/{k}', v, result['steps'])
+            shown = lambda values: {k: round(v, 4) for k, v in values.items() if k != 'score'}
             saved = (f' | predicted masks: {run.dir}/predictions' if fcfg['save_predictions'] and task == 'segmentation'
                      else '')
-            run.log(f'test (best epoch {best["epoch"]}): {shown}\nresults: {run.dir}/metrics.json | model: '
-                    f'{run.dir}/model.pth{saved} | TensorBoard: {run.dir}/tensorboard')
+            run.log(f'test (best epoch {best["epoch"]}): {shown(test)}')
+            if external:
+                run.log(f'external ({data_name(ext_dcfg)}, {len(ext_cases)} cases): {shown(external)}')
+            run.log(f'results: {run.dir}/metrics.json | model: {run.dir}/model.pth{saved} | TensorBoard: '
+                    f'{run.dir}/tensorboard')
     return run.dir
 
 

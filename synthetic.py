@@ -1,12 +1,14 @@
 """The built-in synthetic data sets, written as real files that data.py then reads like any user's data.
 
     root = synthetic_root('ct', cache_dir)      # CT-like abdomens: an MSD tree (imagesTr/, labelsTr/) + manifest.csv
+    root = synthetic_root('mri', cache_dir)     # MRI-like brains: 4D T1/T2/FLAIR volumes in an MSD tree + manifest.csv
     root = synthetic_root('us', cache_dir)      # ultrasound-like breast images in BUSI-like class folders
+    root = synthetic_root('ct', cache_dir, site=1)                  # the same task from another site (SITES)
     root = synthetic_root('upstream', cache_dir, n=2000, size=64)   # the backbone's pre-training images (PNG)
 
 Each generator is seeded and pure numpy; a folder is written once into run.cache_dir under a name that holds the
-generator version, seed and sizes, so changed parameters regenerate. This module never imports data.py: the readers
-must work on these files exactly as on real ones.
+generator version, seed, site and sizes, so changed parameters regenerate. This module never imports data.py: the
+readers must work on these files exactly as on real ones.
 """
 import csv
 import json
@@ -23,17 +25,34 @@ GENERATOR_VERSION = 2      # bump when a generator changes: the cache folder nam
 SYNTH_SEED = 0
 SYNTH_CT = dict(n_cases=64, shape=(96, 96, 28), spacing=(3.6, 3.6, 5.0))
 SYNTH_US = dict(n_per_class=100, size=128)
+SYNTH_MRI = dict(n_cases=64, shape=(80, 80, 24), spacing=(3.0, 3.0, 6.0))
 CT_CLASSES = ['background', 'liver', 'lesion']
 CT_KINDS = ['cyst', 'metastasis']
 US_CLASSES = ['benign', 'malignant', 'normal']
+MRI_SEQUENCES = ['T1', 'T2', 'FLAIR']
+MRI_CLASSES = ['background', 'oedema', 'core']
+MRI_GRADES = ['high_grade', 'low_grade']
 
-def synthetic_root(kind: str, cache_dir, seed=SYNTH_SEED, **sizes) -> Path:
-    """Folder of a synthetic set ('ct', 'us' or 'upstream'), written on first use. The name holds the generator
-    version, seed and sizes, so changed parameters regenerate; a temporary folder renamed at the end means a crash
+# The scanner of each site, as factors on site 0's; each generator reads all four (docs/data.md):
+#   gain        stored intensity scale (CT: the HU calibration; ultrasound: receiver gain; MRI: receive-coil gain)
+#   noise       noise (CT and MRI: its standard deviation; ultrasound: speckle contrast, the envelope's exponent)
+#   resolution  width of the point-spread function (CT and MRI: partial-volume blur; ultrasound: speckle size)
+#   contrast    tissue contrast (CT: the contrast agent's enhancement of liver, spleen, kidneys and aorta;
+#               ultrasound and MRI: the exponent of the tissue echogenicity / signal)
+# Site 0 is the data everything here was made and tuned on; another site also draws new patients (_case_rng).
+SITES = [dict(gain=1.0, noise=1.0, resolution=1.0, contrast=1.0),
+         dict(gain=1.1, noise=1.6, resolution=1.6, contrast=0.85),   # an older scanner: noisier, softer, flatter
+         dict(gain=0.9, noise=0.6, resolution=0.7, contrast=1.15)]   # a newer one: cleaner, sharper, more contrast
+
+
+def synthetic_root(kind: str, cache_dir, seed=SYNTH_SEED, site=0, **sizes) -> Path:
+    """Folder of a synthetic set ('ct', 'mri', 'us' or 'upstream'; site: an index of SITES, not for 'upstream'),
+    written on first use. The name holds the generator version, seed, site (site 0's folder has none) and sizes, so
+    changed parameters regenerate and sites never share a folder; a temporary folder renamed at the end means a crash
     leaves no half data set, and of two processes writing at once (torchrun ranks) the first rename wins."""
     writer, defaults = {'ct': (write_synthetic_ct, SYNTH_CT), 'us': (write_synthetic_us, SYNTH_US),
-                        'upstream': (write_upstream, {})}[kind]
-    sizes = {**defaults, **sizes}
+                        'mri': (write_synthetic_mri, SYNTH_MRI), 'upstream': (write_upstream, {})}[kind]
+    sizes = {**({'site': site} if site else {}), **defaults, **sizes}
     tag = '-'.join(f'{k}{"x".join(map(str, v)) if isinstance(v, (tuple, list)) else v}' for k, v in sizes.items())
     final = Path(cache_dir) / f'synthetic_{kind}-v{GENERATOR_VERSION}-seed{seed}-{tag}'
     if final.exists():
@@ -50,6 +69,22 @@ def synthetic_root(kind: str, cache_dir, seed=SYNTH_SEED, **sizes) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return final
+
+
+def _case_rng(seed, site, *ids):
+    """The random generator of one case: site 0 keeps the streams its data sets were made with, another site draws
+    new patients (its index appended: never 0, which SeedSequence would read as no entry)."""
+    return np.random.default_rng([seed, *ids, site] if site else [seed, *ids])
+
+
+def _lps_affine(shape, spacing):
+    """Affine of a volume stored in LPS-like voxel order (the first two axes flipped, as many DICOM converters
+    write) whose canonical (RAS) grid is centred on the origin: stored voxel i is canonical voxel n-1-i."""
+    ras = np.diag([*spacing, 1.0])
+    ras[:3, 3] = -(np.array(shape) - 1) / 2 * spacing
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [shape[0] - 1, shape[1] - 1]
+    return ras @ flip
 
 
 def _smooth(x: np.ndarray, sigma_px) -> np.ndarray:
@@ -75,8 +110,9 @@ def _blob(px, py, pz, rng, roughness):
     return r / edge
 
 
-def _ct_case(rng, shape, spacing, kind):
-    """One CT-like abdomen in canonical RAS voxel order: (HU int16 volume, uint8 mask 0 bg / 1 liver / 2 lesion)."""
+def _ct_case(rng, shape, spacing, kind, site):
+    """One CT-like abdomen in canonical RAS voxel order: (HU int16 volume, uint8 mask 0 bg / 1 liver / 2 lesion).
+    site: a SITES entry."""
     nx, ny, nz = shape
     x = ((np.arange(nx) - (nx - 1) / 2) * spacing[0]).astype(np.float32)[:, None, None]  # mm, + = patient right
     y = ((np.arange(ny) - (ny - 1) / 2) * spacing[1]).astype(np.float32)[None, :, None]  # + = anterior
@@ -102,16 +138,18 @@ def _ct_case(rng, shape, spacing, kind):
     # liver: a large lobulated organ on the patient's right, through every slice
     lx, ly = rng.uniform(0.28, 0.38) * ax, rng.uniform(-0.05, 0.15) * ay
     liver = inner & (_blob((x - lx) / (0.55 * ax), (y - ly) / (0.62 * ay), z / (1.6 * half[2]), rng, 0.12) < 1)
-    liver_hu = rng.uniform(55, 70)
+    liver_hu = rng.uniform(55, 70) * site['contrast']
     hu[liver] = liver_hu
     # distractors of liver-like density: spleen (upper slices), kidneys, vessels, spine, ribs
     spleen = inner & ~liver & ellipse(-0.55 * ax, -0.3 * ay, 0.2 * ax, 0.3 * ay) & (zn > -0.3)
     hu[spleen] = liver_hu + rng.uniform(-5, 10)
     for side in (-1, 1):
         kx, ky = side * 0.36 * ax, -0.48 * ay
-        hu[inner & ~liver & ellipse(kx, ky, 0.13 * ax, 0.2 * ay) & (zn < 0.4)] = rng.uniform(140, 180)
+        kidney = inner & ~liver & ellipse(kx, ky, 0.13 * ax, 0.2 * ay) & (zn < 0.4)
+        hu[kidney] = rng.uniform(140, 180) * site['contrast']
         hu[inner & ~liver & ellipse(kx - side * 3, ky, 0.06 * ax, 0.1 * ay) & (zn < 0.4)] = 40
-    hu[np.broadcast_to(ellipse(-0.08 * ax, -0.42 * ay, 10, 10), shape)] = rng.uniform(140, 200)  # aorta
+    aorta = np.broadcast_to(ellipse(-0.08 * ax, -0.42 * ay, 10, 10), shape)
+    hu[aorta] = rng.uniform(140, 200) * site['contrast']
     hu[np.broadcast_to(ellipse(0.12 * ax, -0.36 * ay, 11, 9), shape) & ~liver] = 90              # vena cava
     vert_y = -0.75 * ay
     disc = np.cos(2 * np.pi * z / rng.uniform(28, 34) + rng.uniform(0, 6.3)) > 0.8
@@ -151,38 +189,120 @@ def _ct_case(rng, shape, spacing, kind):
             core = np.where(rho > 0.7, core + rng.uniform(20, 45), core)
             hu[lesion] = core[lesion]
         mask[lesion] = 2
-    hu = _smooth(hu, 0.6)  # partial-volume blur of edges
-    noise = _smooth(rng.normal(0, 1, shape).astype(np.float32), 1.0)  # CT noise is spatially correlated
-    hu += noise / noise.std() * rng.uniform(10, 18)
-    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), mask
+    hu = _smooth(hu, 0.6 * site['resolution'])  # partial-volume blur of edges
+    noise = _smooth(rng.normal(0, 1, shape).astype(np.float32), 1.0 * site['resolution'])  # spatially correlated
+    hu += noise / noise.std() * rng.uniform(10, 18) * site['noise']
+    return np.clip(np.round(hu * site['gain']), -1024, 3071).astype(np.int16), mask
 
 
-def write_synthetic_ct(root, n_cases=64, shape=(96, 96, 28), spacing=(3.6, 3.6, 5.0), seed=SYNTH_SEED):
+def write_synthetic_ct(root, n_cases=64, shape=(96, 96, 28), spacing=(3.6, 3.6, 5.0), seed=SYNTH_SEED, site=0):
     """CT-like abdomens as a real MSD tree (imagesTr/, labelsTr/, dataset.json) plus manifest.csv (image,mask,label,
     label = lesion kind). Volumes are stored in LPS-like voxel order, as many DICOM converters do, so reading them
     exercises the reorientation to canonical."""
+    cases = (_ct_case(_case_rng(seed, site, i), tuple(shape), np.array(spacing, np.float32), i % 2, SITES[site])
+             for i in range(n_cases))
+    _write_msd(root, 'ct', cases, CT_KINDS, _lps_affine(shape, spacing), seed, site,
+               {'modality': {'0': 'CT'}, 'labels': {str(i): n for i, n in enumerate(CT_CLASSES)}})
+
+
+# T1, T2, FLAIR signal of each tissue (arbitrary units, 1 = the brightest): the lesion's sub-regions differ only
+# across sequences. Oedema has grey matter's T1 and the core's T2 and FLAIR; the core (contrast-enhancing) is told
+# from oedema only by T1, and oedema from cortex only by T2 / FLAIR, so segmenting both needs several channels.
+MRI_TISSUES = np.array([
+    [0.00, 0.00, 0.00],   # 0 air
+    [0.90, 0.55, 0.70],   # 1 scalp (fat)
+    [0.08, 0.06, 0.06],   # 2 skull
+    [0.12, 1.00, 0.08],   # 3 CSF (FLAIR suppresses it)
+    [0.50, 0.62, 0.60],   # 4 grey matter
+    [0.72, 0.42, 0.45],   # 5 white matter
+    [0.50, 0.85, 0.92],   # 6 oedema
+    [0.92, 0.85, 0.92],   # 7 core, enhancing
+    [0.20, 0.95, 0.55]],  # 8 core, necrotic
+    np.float32)
+
+
+def _mri_case(rng, shape, spacing, grade, site):
+    """One brain-like head in canonical RAS voxel order: (int16 (X, Y, Z, 3) T1/T2/FLAIR volume, uint8 mask
+    0 background / 1 oedema / 2 core). grade: 0 high (large, lobulated, necrotic, much oedema), 1 low (small, smooth,
+    solid, little oedema); the cues overlap on purpose. site: a SITES entry."""
+    x = ((np.arange(shape[0]) - (shape[0] - 1) / 2) * spacing[0]).astype(np.float32)[:, None, None]   # mm
+    y = ((np.arange(shape[1]) - (shape[1] - 1) / 2) * spacing[1]).astype(np.float32)[None, :, None]
+    z = ((np.arange(shape[2]) - (shape[2] - 1) / 2) * spacing[2]).astype(np.float32)[None, None, :]
+    a = np.array([rng.uniform(68, 78), rng.uniform(86, 96), rng.uniform(70, 80)], np.float32)  # head semi-axes, mm
+    rho = _blob(x / a[0], y / a[1], (z + 10) / a[2], rng, 0.03)          # normalised head radius (< 1 inside)
+    fold = _smooth(rng.normal(0, 1, shape).astype(np.float32), 2.0)      # cortical folding
+    fold /= fold.std()
+    tissue = np.zeros(shape, np.uint8)
+    tissue[rho < 1] = 1
+    tissue[rho < 0.93] = 2
+    tissue[rho < 0.88] = 3
+    brain = rho < 0.85 - 0.015 * np.clip(fold, 0, None)                 # sulci: CSF reaching into the cortex
+    tissue[brain] = 4
+    white = brain & (rho < 0.7 + 0.04 * fold)
+    tissue[white] = 5
+    for side in (-1, 1):                                                 # lateral ventricles
+        vx, vy = side * rng.uniform(7, 11), rng.uniform(-5, 10)
+        tissue[((x - vx) / 5) ** 2 + ((y - vy) / rng.uniform(18, 26)) ** 2 + (z / 16) ** 2 < 1] = 3
+    # the lesion: a core centred in the white matter of one hemisphere, inside an oedema; both stay in the brain
+    # tissue (grey and white matter, not the ventricles)
+    parenchyma = tissue >= 4
+    inside = np.argwhere(white & (np.abs(x) > 15) & (rho < 0.6))
+    cx, cy, cz = (inside[rng.integers(len(inside))] - (np.array(shape) - 1) / 2) * spacing
+    r = rng.uniform(18, 30) if grade == 0 else rng.uniform(13, 22)
+    stretch = rng.uniform(0.8, 1.25)
+    rough = rng.uniform(0.2, 0.4) if grade == 0 else rng.uniform(0.0, 0.12)
+    core = parenchyma & (_blob((x - cx) / r, (y - cy) / (r * stretch), (z - cz) / r, rng, rough) < 1)
+    spread = r * (rng.uniform(1.35, 1.9) if grade == 0 else rng.uniform(1.1, 1.4))
+    oedema = parenchyma & (_blob((x - cx) / spread, (y - cy) / spread, (z - cz) / spread, rng, 0.2) < 1)
+    tissue[oedema] = 6
+    tissue[core] = 7
+    if rng.uniform() < (0.85 if grade == 0 else 0.1):                    # necrotic centre
+        tissue[core & (_blob((x - cx) / r, (y - cy) / (r * stretch), (z - cz) / r, rng, 0.1) <
+                       rng.uniform(0.3, 0.6))] = 8
+    mask = np.where(core, 2, np.where(oedema, 1, 0)).astype(np.uint8)
+    # the scanner: per-case tissue signal, contrast, coil sensitivity (bias field), gain, blur, Rician noise
+    table = MRI_TISSUES * rng.uniform(0.93, 1.07, MRI_TISSUES.shape).astype(np.float32)
+    table[7, 0] *= rng.uniform(0.85, 1.0) if grade == 0 else rng.uniform(0.78, 0.95)  # enhancement
+    signal = table ** site['contrast'] * site['gain']
+    bias = _smooth(rng.normal(0, 1, shape[:2]).astype(np.float32), shape[0] / 4)[..., None]   # (X, Y, 1)
+    bias = 1 + 0.1 * bias / bias.std()
+    image = np.stack([_smooth(signal[tissue, k] * bias, 0.7 * site['resolution']) for k in range(3)], -1)
+    sigma = 0.025 * site['noise']
+    noisy = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
+    return np.round(noisy * 1000).astype(np.int16), mask
+
+
+def write_synthetic_mri(root, n_cases=64, shape=(80, 80, 24), spacing=(3.0, 3.0, 6.0), seed=SYNTH_SEED, site=0):
+    """MRI-like brains with a lesion, as the MSD BrainTumour task stores them: imagesTr/mri_NNN.nii.gz 4D (X, Y, Z, 3)
+    int16, the T1, T2 and FLAIR sequences of one anatomy (dataset.json "modality"), labelsTr/ (0 background,
+    1 oedema, 2 core) and manifest.csv (image,mask,label, label = lesion grade). Stored in LPS-like voxel order as
+    the CT set."""
+    cases = (_mri_case(_case_rng(seed, site, i), tuple(shape), np.array(spacing, np.float32), i % 2, SITES[site])
+             for i in range(n_cases))
+    _write_msd(root, 'mri', cases, MRI_GRADES, _lps_affine(shape, spacing), seed, site,
+               {'modality': dict(enumerate(MRI_SEQUENCES)), 'labels': dict(enumerate(MRI_CLASSES))})
+
+
+def _write_msd(root, prefix, cases, kinds, stored_affine, seed, site, header):
+    """An MSD tree of (image, mask) pairs in canonical voxel order, stored flipped to stored_affine's LPS order:
+    imagesTr/<prefix>_NNN.nii.gz, labelsTr/, dataset.json (header: modality and labels) and manifest.csv
+    (image,mask,label with case i's label kinds[i % len(kinds)]), which data.read_csv reads."""
     root = Path(root)
     (root / 'imagesTr').mkdir(parents=True)
     (root / 'labelsTr').mkdir()
-    ras = np.diag([*spacing, 1.0])
-    ras[:3, 3] = -(np.array(shape) - 1) / 2 * spacing
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    flip[:2, 3] = [shape[0] - 1, shape[1] - 1]  # stored voxel i is canonical voxel nx-1-i (same for j)
-    stored_affine = ras @ flip
     rows = []
-    for i in range(n_cases):
-        kind = i % 2
-        hu, mask = _ct_case(np.random.default_rng([seed, i]), tuple(shape), np.array(spacing, np.float32), kind)
-        name = f'ct_{i:03d}.nii.gz'
-        for arr, folder in ((hu, 'imagesTr'), (mask, 'labelsTr')):
+    for i, (image, mask) in enumerate(cases):
+        name = f'{prefix}_{i:03d}.nii.gz'
+        for arr, folder in ((image, 'imagesTr'), (mask, 'labelsTr')):
             img = nib.Nifti1Image(np.ascontiguousarray(arr[::-1, ::-1]), stored_affine)
             img.header.set_xyzt_units('mm')
             nib.save(img, root / folder / name)
-        rows.append((f'imagesTr/{name}', f'labelsTr/{name}', CT_KINDS[kind]))
+        rows.append((f'imagesTr/{name}', f'labelsTr/{name}', kinds[i % len(kinds)]))
+    at = f', site {site}' if site else ''
     (root / 'dataset.json').write_text(json.dumps({
-        'name': 'tpp synthetic CT', 'description': f'generated by tpp synthetic.py v{GENERATOR_VERSION}, seed {seed}',
-        'tensorImageSize': '3D', 'modality': {'0': 'CT'},
-        'labels': {str(i): n for i, n in enumerate(CT_CLASSES)}, 'numTraining': n_cases, 'numTest': 0,
+        'name': f'tpp synthetic {prefix.upper()}',
+        'description': f'generated by tpp synthetic.py v{GENERATOR_VERSION}, seed {seed}{at}',
+        'tensorImageSize': f'{image.ndim}D', **header, 'numTraining': len(rows), 'numTest': 0,
         'training': [{'image': f'./{r[0]}', 'label': f'./{r[1]}'} for r in rows], 'test': []}, indent=1))
     with open(root / 'manifest.csv', 'w', newline='') as f:
         w = csv.writer(f)
@@ -190,9 +310,9 @@ def write_synthetic_ct(root, n_cases=64, shape=(96, 96, 28), spacing=(3.6, 3.6, 
         w.writerows(rows)
 
 
-def _us_image(rng, kind, size):
+def _us_image(rng, kind, size, site):
     """One breast-ultrasound-like B-mode image (uint8) and its lesion mask (bool). kind: 0 benign, 1 malignant,
-    2 normal (as BUSI's class folders, sorted)."""
+    2 normal (as BUSI's class folders, sorted); site: a SITES entry."""
     d = np.linspace(0, 1, size, dtype=np.float32)[:, None]   # depth (rows)
     x = np.linspace(0, 1, size, dtype=np.float32)[None, :]   # lateral (columns)
 
@@ -235,23 +355,23 @@ def _us_image(rng, kind, size):
             echo = np.where((rho >= 1) & (rho < 1.25), echo * rng.uniform(1.0, 1.5), echo)  # echogenic halo
         posterior = rng.uniform(1.0, 1.4) if kind == 0 else rng.uniform(0.4, 1.0)      # enhancement / shadow
         echo = np.where(behind & ~mask, echo * posterior, echo)
-    echo = echo * np.exp(-rng.uniform(0.3, 1.2) * d)                      # attenuation left after gain control
+    echo = echo ** site['contrast'] * np.exp(-rng.uniform(0.3, 1.2) * d)  # attenuation left after gain control
     # speckle: complex Gaussian scatterers blurred by an anisotropic point spread function, envelope detected
     scatter = rng.normal(0, 1, (size, size)) + 1j * rng.normal(0, 1, (size, size))
-    psf = (0.8, 1.8)  # (axial, lateral) in pixels
-    env = np.abs(_smooth(scatter.real, psf) + 1j * _smooth(scatter.imag, psf))
+    psf = (0.8 * site['resolution'], 1.8 * site['resolution'])  # (axial, lateral) in pixels
+    env = np.abs(_smooth(scatter.real, psf) + 1j * _smooth(scatter.imag, psf)) ** site['noise']
     b_mode = np.log1p(12 * _smooth(echo, 1.0) * env / env.mean()) / np.log1p(12 * 3)  # log compression
-    return np.clip(b_mode * rng.uniform(200, 250), 0, 255).astype(np.uint8), mask
+    return np.clip(b_mode * rng.uniform(200, 250) * site['gain'], 0, 255).astype(np.uint8), mask
 
 
-def write_synthetic_us(root, n_per_class=100, size=128, seed=SYNTH_SEED):
+def write_synthetic_us(root, n_per_class=100, size=128, seed=SYNTH_SEED, site=0):
     """Ultrasound-like 2D images in BUSI-like class folders: <class>/<class>_NNN.png and <class>_NNN_mask.png
     (0/255; all 0 for normal)."""
     root = Path(root)
     for k, cls in enumerate(US_CLASSES):
         (root / cls).mkdir(parents=True)
         for i in range(n_per_class):
-            image, mask = _us_image(np.random.default_rng([seed, k, i]), k, size)
+            image, mask = _us_image(_case_rng(seed, site, k, i), k, size, SITES[site])
             Image.fromarray(image).save(root / cls / f'{cls}_{i:03d}.png')
             Image.fromarray(mask.astype(np.uint8) * 255).save(root / cls / f'{cls}_{i:03d}_mask.png')
 
