@@ -209,6 +209,21 @@ def test_hue_only_classes_differ_in_colour_and_not_in_grey(tmp_path, dcfg):
             assert torch.equal(red['image'], green['image'])
 
 
+def test_hue_only_classes_are_learned_in_colour_and_not_in_grey(tmp_path, cache):
+    """Stage 2 on the colour file: with in_chans null (3) the classes are learned; read as grey (in_chans 1) every
+    image is the same, so every case gets the same prediction and the AUC is exactly chance."""
+    path = official_medmnist(tmp_path / 'hue.npz', {'train': hue_classes(32), 'val': hue_classes(8),
+                                                   'test': hue_classes(8)})
+    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 3, 'batch_size': 8, 'init': 'full',
+                                                 'task': 'classification'})
+    auc = {}
+    for in_chans in ('null', '1'):
+        run_dir = finetune.main(args(cfg, 'data.layout=medmnist', f'data.root={path}', f'model.in_chans={in_chans}',
+                                     f'finetune.name=hue-{in_chans}'))
+        auc[in_chans] = json.loads((run_dir / 'metrics.json').read_text())['test']['auc']
+    assert auc['null'] > 0.9 and auc['1'] == 0.5
+
+
 def test_colour_png_keeps_its_channels_and_grey_saved_as_rgb_stays_grey(tmp_path, dcfg):
     for cls, colour in (('a', RED), ('b', GREEN)):
         for i in range(3):
