@@ -964,7 +964,8 @@ class SliceDataset(torch.utils.data.Dataset):
         x, m = resize(x, m, self.size)
         if self.train:
             x, m = warp(x, m, random_affine(self.dcfg['augment']))
-        x = normalize(x[0].expand(self.in_chans, -1, -1), self.dcfg['mean'], self.dcfg['std'])  # (C, S, S); grey repeats
+        # (C, S, S): a grey image repeats over the model's channels
+        x = normalize(x[0].expand(self.in_chans, -1, -1), self.dcfg['mean'], self.dcfg['std'])
         item = {'image': x.contiguous(), 'case': ci, 'slice': s}
         if self.task == 'classification':
             item['label'] = torch.tensor(case.label, dtype=torch.int64)

@@ -1,6 +1,6 @@
-"""Run plumbing shared by both stages (and the backbone bootstrap): the command line, run folders, device and AMP, seeding,
-data loaders, AdamW with warm-up + cosine, the one training loop, atomic checkpoints and exact resume, progress lines,
-TensorBoard and torchrun. Nothing here knows about TPP; the two stage scripts hold the method."""
+"""Run plumbing shared by both stages (and the backbone bootstrap): the command line, run folders, device and AMP,
+seeding, data loaders, AdamW with warm-up + cosine, the one training loop, atomic checkpoints and exact resume,
+progress lines, TensorBoard and torchrun. Nothing here knows about TPP; the two stage scripts hold the method."""
 import argparse
 import errno
 import math

@@ -389,7 +389,7 @@ def main(args):
         test_preds = predict(run, model, test_loader, task, native=True)   # every rank its share; Dice on the own grid
         test = score(test_preds, test_loader.dataset, task, num_classes, native=True)
         external = None
-        if ext_dcfg:                                                    # the same model and evaluation as the test split
+        if ext_dcfg:                                                # the same model and evaluation as the test split
             ext_loader = engine.make_loader(run, sets['external'], fcfg['batch_size'], train=False)
             external = evaluate(run, model, ext_loader, task, num_classes, native=True)
         diagnostics = lora_diagnostics(cfg, model, init)               # before the inference export merges LoRA

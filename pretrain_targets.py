@@ -225,7 +225,7 @@ def main(args):
                 'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
                 'final_loss': result['history'][-1]['train_loss'],
                 'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']},
-                'data': data.describe(info, train_cases)}                   # stage 2 warns when it fine-tunes on other data
+                'data': data.describe(info, train_cases)}   # stage 2 warns when it fine-tunes on other data
         targets_path = run.dir / 'targets.pth'
         if run.main:
             if not dino:
