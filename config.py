@@ -155,6 +155,25 @@ class List(_Type):
         return f'a non-empty list, each {self.item}'
 
 
+class AnyOf(_Type):
+    """A value that one of the types allows (the first that does converts it)."""
+
+    def __init__(self, *types):
+        super().__init__()
+        self.types = types
+
+    def check(self, value):
+        for t in self.types:
+            try:
+                return t.check(value)
+            except _Refused:
+                pass
+        raise _Refused
+
+    def what(self):
+        return ' or '.join(map(str, self.types))
+
+
 class Pair(List):
     """[low, high] of numbers with low < high (strict) or low <= high."""
 
@@ -261,7 +280,8 @@ SCHEMA = {
     'data.num_classes': Int('[2, inf)', null=True),
     'data.axis': Choice(0, 1, 2),
     'data.skip_empty': PROBABILITY,
-    'data.intensity': Choice('auto', 'window', 'percentile', 'none'),
+    'data.intensity': AnyOf(Choice('auto', 'window', 'percentile', 'none'),
+                            List(Choice('window', 'percentile', 'none'))),   # a list: one mode per input channel
     'data.window': Pair(Float('(-inf, inf)'), strict=True),
     'data.percentile': Pair(Float('[0, 100]'), strict=True),
     'data.mean': List(Float('(-inf, inf)')),

@@ -281,10 +281,21 @@ class _LRU:
 # Intensities: every mode is a linear map of [lo, hi] onto [0, 1] with clipping
 # ----------------------------------------------------------------------------------------------------------------
 
-def intensity_range(arr: np.ndarray, dcfg: dict) -> tuple[float, float]:
-    """[lo, hi] of the image values mapped to [0, 1]: the CT window in HU, per-image percentiles, or the stored range
-    (integers over their dtype's maximum, floats already in [0, 1]). The mode is a resolved one (resolve_intensity)."""
-    mode = dcfg['intensity']
+def modes(mode) -> list[str]:
+    """The modes of a resolved data.intensity: one for every channel, or a list of one per channel."""
+    return mode if isinstance(mode, list) else [mode]
+
+
+def channel_mode(mode, channel: int) -> str:
+    """One input channel's resolved intensity mode: data.intensity is one mode for every channel, or a list of one
+    per channel (CT with other sequences: window on the CT channels, percentile on the others)."""
+    return mode[channel] if isinstance(mode, list) else mode
+
+
+def intensity_range(arr: np.ndarray, dcfg: dict, channel=0) -> tuple[float, float]:
+    """[lo, hi] of one channel's values mapped to [0, 1]: the CT window in HU, per-image percentiles, or the stored
+    range (integers over their dtype's maximum, floats already in [0, 1]). The mode is resolved (resolve_intensity)."""
+    mode = channel_mode(dcfg['intensity'], channel)
     if mode == 'window':
         lo, hi = dcfg['window']
     elif mode == 'percentile':
@@ -534,6 +545,9 @@ def resolve_intensity(mode: str, cases: list[Case], names: dict) -> tuple[str, s
         mode, why = 'none', 'MedMNIST arrays'
     elif not all(is_nifti(c.image) for c in cases):
         mode, why = 'percentile', '2D image files'
+    elif modalities and 'CT' in (ct := [m.upper() for m in modalities]) and any(m != 'CT' for m in ct):
+        mode = ['window' if m == 'CT' else 'percentile' for m in ct]
+        why = f"NIfTI volumes, dataset.json modality {', '.join(modalities)}: window on the CT channels"
     elif modalities and any(m.upper() != 'CT' for m in modalities):
         mode, why = 'percentile', f"NIfTI volumes, dataset.json modality {', '.join(modalities)}"
     else:
@@ -593,6 +607,9 @@ def prepare(dcfg: dict, cache_dir, task=None, in_chans=None) -> tuple[list[Case]
     dcfg['intensity'], intensity = resolve_intensity(dcfg['intensity'], cases, names)
     checked = validate(cases, names, dcfg, task)
     chans, line = resolve_in_chans(in_chans, checked.pop('chans'), checked.pop('colour'))
+    if isinstance(dcfg['intensity'], list) and len(dcfg['intensity']) != chans:
+        raise DataError(f"data.intensity: {len(dcfg['intensity'])} modes {dcfg['intensity']} for {chans} input "
+                        f'channels ({line}); give one mode for every channel, or one for all')
     for key in ('mean', 'std'):   # the schema checks the lengths against a fixed in_chans; this, the resolved one
         if len(dcfg[key]) not in (1, chans):
             raise DataError(f'data.{key}: {len(dcfg[key])} values for {chans} input channels ({line}); give 1 or '
@@ -647,7 +664,8 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
     chans, the channels per image (the most: grey images go with colour ones), and colour, whether they are RGB
     colour (2D image files, MedMNIST) rather than sequences (4D NIfTI, nnU-Net channel files); and the warnings:
     images that are constant or whose intensities look wrong for data.intensity."""
-    if dcfg['intensity'] == 'window':
+    windowed = lambda i: channel_mode(dcfg['intensity'], i) == 'window'   # channel i is CT in Hounsfield units
+    if 'window' in modes(dcfg['intensity']):
         flat = [c.image for c in cases if not is_nifti(c.image)]
         if flat:
             raise DataError(f'{flat[0]}: data.intensity window expects CT in Hounsfield units (NIfTI), not a 2D '
@@ -664,13 +682,14 @@ def validate(cases: list[Case], names: dict, dcfg: dict, task=None) -> dict:
         if image.dtype.kind == 'f' and not np.isfinite(image).all():
             raise DataError(f'{c.image}: {(~np.isfinite(image)).sum()} NaN/Inf voxels; replace them (for example '
                             f'with the background value) or leave the case out')
+        chans = channels_of(image)
+        ct = [ch for i, ch in enumerate(chans) if windowed(i)]
         if image.min() == image.max():
             constant += 1
             warnings.append(f'{c.image} (case {c.id}): every voxel is {image.flat[0]:g}: a constant image teaches '
                             f'nothing; leave the case out')
-        elif dcfg['intensity'] == 'window' and (warning := _window_warning(c, image, dcfg['window'])):
+        elif ct and (warning := _window_warning(c, np.stack(ct), dcfg['window'])):
             warnings.append(warning)
-        chans = channels_of(image)
         first.setdefault((len(chans), len(chans) > 1 and not (is_nifti(c.image) or c.extra_channels)), c.image)
         shape = chans[0].shape
         if c.mask is None:
@@ -898,8 +917,8 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(self, cases, dcfg, img_size, in_chans, task, train):
         if task not in (None, 'classification', 'segmentation'):
             raise DataError(f'task: {task!r} is not one of None | classification | segmentation')
-        if dcfg['intensity'] not in INTENSITIES:    # a bug: prepare resolves data.intensity auto first
-            raise ValueError(f"data.intensity {dcfg['intensity']!r}: SliceDataset needs one of {INTENSITIES}")
+        if not set(modes(dcfg['intensity'])) <= set(INTENSITIES):    # a bug: prepare resolves data.intensity auto first
+            raise ValueError(f"data.intensity {dcfg['intensity']!r}: SliceDataset needs modes of {INTENSITIES}")
         self.cases, self.dcfg, self.size, self.in_chans = list(cases), dcfg, img_size, in_chans
         self.task, self.train, self.axis = task, train, dcfg['axis']
         self.files, self.ranges = _LRU(int(dcfg['cache_mb']) * 2 ** 20), {}   # decoded arrays; (lo, hi) per image
@@ -934,7 +953,7 @@ class SliceDataset(torch.utils.data.Dataset):
     def _range(self, path, chans):
         """[(lo, hi)] of one image, per channel, computed once (percentiles need the whole volume)."""
         if path not in self.ranges:
-            self.ranges[path] = [intensity_range(ch, self.dcfg) for ch in chans]
+            self.ranges[path] = [intensity_range(ch, self.dcfg, i) for i, ch in enumerate(chans)]
         return self.ranges[path]
 
     def _body_fraction(self, path, chans):

@@ -57,6 +57,33 @@ def test_msd_4d_volume_reads_its_sequences_as_channels_in_order(tmp_path, dcfg):
     assert abs(item['image'][0][lesion].mean() - item['image'][0][~lesion].mean()) < 1
 
 
+def test_ct_with_another_sequence_is_windowed_on_the_ct_channel_only(tmp_path, dcfg):
+    """dataset.json naming CT and PET: auto windows channel 0 in Hounsfield units and scales channel 1 by its
+    percentiles; an explicit list does the same, and a list of another length is refused."""
+    root = tmp_path / 'T'
+    ct = np.full((16, 16, 4), -1000.0, np.float32)
+    ct[4:12, 4:12] = 40.0                                                  # soft tissue in air, HU
+    pet = np.zeros((16, 16, 4), np.float32)
+    pet[6:10, 6:10] = 5000.0                                               # a hot spot, arbitrary units
+    for i in range(3):
+        save_nifti(root / 'imagesTr' / f'p{i}.nii.gz', np.stack([ct, pet], -1))
+        save_nifti(root / 'labelsTr' / f'p{i}.nii.gz', (pet > 0).astype(np.uint8))
+    (root / 'dataset.json').write_text(json.dumps({'labels': {'0': 'background', '1': 'lesion'},
+                                                   'modality': {'0': 'CT', '1': 'PET'}}))
+    for intensity in ('auto', ['window', 'percentile']):
+        cfg = dict(copy.deepcopy(dcfg), layout='msd', root=str(root), intensity=intensity, percentile=[0.0, 100.0])
+        cases, info = data.prepare(cfg, tmp_path)
+        assert cfg['intensity'] == ['window', 'percentile'] and info['warnings'] == []
+        if intensity == 'auto':
+            assert info['intensity'] == ("auto -> ['window', 'percentile'] (NIfTI volumes, dataset.json modality CT, "
+                                         "PET: window on the CT channels)")
+        x = data.SliceDataset(cases, cfg, 16, 2, 'segmentation', train=False)[1]['image'] * 0.25 + 0.5   # [0, 1]
+        assert x[0, 8, 8].item() == pytest.approx(200 / 400) and x[0, 0, 0].item() == 0     # window [-160, 240]
+        assert x[1, 8, 8].item() == pytest.approx(1) and x[1, 0, 0].item() == 0              # percentiles 0, 100
+    with pytest.raises(DataError, match=r"data.intensity: 3 modes .* for 2 input channels"):
+        data.prepare(dict(copy.deepcopy(dcfg), layout='msd', root=str(root), intensity=['window'] * 3), tmp_path)
+
+
 def test_nnunet_channel_files_read_in_order(tmp_path, dcfg):
     root = tmp_path / 'T'
     for i in range(2):

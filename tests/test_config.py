@@ -74,7 +74,8 @@ BAD_VALUES = [
     'run.seed=-1', 'run.seed=1.5', 'backbone.bootstrap.seed=-1', 'run.log_every=0', 'run.workers=-1',
     'run.device=gpu', 'run.device=cuda:x', 'run.amp=fp32', 'run.out_dir=null', 'run.cache_dir=[a]',
     'model.preset=vit_giant', 'pretrain.pretext=simclr', 'finetune.init=lora', 'finetune.task=detection',
-    'finetune.pool=max', 'data.layout=nifti', 'data.intensity=ct', 'data.axis=3', 'data.axis=true',
+    'finetune.pool=max', 'data.layout=nifti', 'data.intensity=ct', 'data.intensity=[auto]', 'data.axis=3',
+    'data.axis=true',
     'data.window=[240, -160]', 'data.window=[40, 40]', 'data.window=[40]', 'data.window=abc',
     'data.window=[0, .nan]', 'data.percentile=[99.5, 0.5]', 'data.percentile=[-1, 50]', 'data.percentile=[1, 101]',
     'data.mean=[]', 'data.mean=0.5', 'data.std=[0.0]', 'data.std=[-1]', 'data.mask_suffix=""',
@@ -108,7 +109,8 @@ def test_yaml_quirks_and_null_defaults_are_read_as_meant():
     cfg = config.load_config(config.REFERENCE_CONFIG, [
         'pretrain.lr=1e-3', 'finetune.lr=1', 'peft.lora.layers=[qkv, fc1]', 'backbone.checkpoint=/x/mae.pth',
         'finetune.init=random', 'model.embed_dim=64', 'model.depth=null', 'data.std=[1e-1]', 'data.window=[-100, 300]',
-        'finetune.clip_grad=null', 'data.num_classes=3'])
+        'finetune.clip_grad=null', 'data.num_classes=3', 'data.intensity=[window, percentile]'])
+    assert cfg['data']['intensity'] == ['window', 'percentile']   # one mode per input channel
     assert cfg['pretrain']['lr'] == 1e-3                      # YAML reads 1e-3 as a string; float keys accept it
     assert cfg['finetune']['lr'] == 1.0 and isinstance(cfg['finetune']['lr'], float)   # an int for a float key
     assert cfg['data']['std'] == [0.1] and cfg['data']['window'] == [-100.0, 300.0]

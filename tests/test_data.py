@@ -96,7 +96,7 @@ def test_auto_intensity_is_chosen_from_the_data_in_prepare(tmp_path, dcfg):
     bad(dcfg, r'm.npz/train_images/0: data.intensity window expects CT', layout='medmnist', root=npz,
         intensity='window')
     bad(dcfg, r'f/a/0.png: data.intensity window expects CT', layout='folder', root=folder, intensity='window')
-    with pytest.raises(ValueError, match=r"data.intensity 'auto': SliceDataset needs one of"):   # prepare first
+    with pytest.raises(ValueError, match=r"data.intensity 'auto': SliceDataset needs modes of"):   # prepare first
         data.SliceDataset(data.read_cases(dict(dcfg, layout='folder', root=folder), tmp_path)[0], dcfg, 8, 1, None,
                           train=False)
 
