@@ -230,7 +230,8 @@ def test_hue_only_classes_differ_in_colour_and_not_in_grey(tmp_path, dcfg):
         assert (red['label'], green['label']) == (0, 1)
         if in_chans is None:                                               # null -> 3: the hue is the class
             assert info['in_chans'] == 3 and not torch.equal(red['image'], green['image'])
-            assert red['image'][0, 10, 10] > green['image'][0, 10, 10] and red['image'][1, 10, 10] < green['image'][1, 10, 10]
+            r, g = red['image'][:, 10, 10], green['image'][:, 10, 10]      # inside the square: red, then green
+            assert r[0] > g[0] and r[1] < g[1]
         else:                                                              # grey: both classes read the same
             assert info['channels'] == "1: colour images converted to grey (ITU-R 601-2 luma, as PIL 'L')"
             assert torch.equal(red['image'], green['image'])
