@@ -17,6 +17,7 @@ import csv
 import json
 import re
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -223,11 +224,7 @@ def build_model(cfg, run, backbone_path, num_classes, init, source):
         path = targets_path(cfg)
         expected = {'arch': models.vit_kwargs(cfg['model']), 'peft': lora.structure(backbone),
                     'backbone': fingerprint}
-        try:
-            meta = lora.load_targets(path, backbone, expected)
-        except FileNotFoundError:
-            raise config.ConfigError(f'finetune.targets: {path} does not exist: run pretrain_targets.py first '
-                                    f'(or set finetune.init=random for plain PEFT)') from None
+        meta = lora.load_targets(path, backbone, expected)
         run.log(f"targets: loaded {path} (pre-trained for {meta['steps']} steps, pretext {meta['pretext']})")
         pretrained_on = meta.get('data')                         # None in the targets files of an older tpp
         if pretrained_on and pretrained_on != source:           # legitimate (other data), but worth knowing
@@ -356,6 +353,9 @@ def main(args):
         ext_cases, ext_info = prepare_external(ext_dcfg, cfg, task, num_classes)
         sets['external'] = data.SliceDataset(ext_cases, ext_dcfg, arch['img_size'], arch['in_chans'], task,
                                              train=False)
+    if init in ('tpp', 'linear_tpp') and not Path(targets_path(cfg)).is_file():
+        raise config.ConfigError(f'finetune.targets: {targets_path(cfg)} does not exist: run pretrain_targets.py '
+                                 f'first (or set finetune.init=random for plain PEFT)')
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
     with engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json',
                     stage='finetune') as run:
