@@ -15,7 +15,8 @@ the stage-1 budget, and the MAE decoder frozen or warmed up then frozen (VARIANT
     results.md    the same as tables
     runs.csv      every run (stage 1 and stage 2), with its validation curve
     val_curves.csv, val_curves.svg, effect_vs_stage1.svg   mean validation curves; TPP − random against stage-1
-                  steps (every run's TensorBoard events hold its curves too: tensorboard --logdir <out>)
+                  steps (matplotlib: requirements-tools.txt; every run's TensorBoard events hold its curves too:
+                  tensorboard --logdir <out>)
 
 Every stage-1 run (one per data set, method and variant, seed 0) is shared by all the stage-2 runs that use it:
 the targets are pre-trained once, on all the training images (labels unused), whatever the label fraction or seed.
@@ -282,7 +283,8 @@ def execute(run, config_path, sets, verbose, keep=False):
             raise config.UserError(f'{folder} was run with another config ({"; ".join(diff[:4])}): use another '
                                    f'--out, or delete the folder to re-run it')
         return 'done'
-    stage1 = folder.parent / stage1_name(run['dataset'], run['method'], run.get('variant') or 'x1')
+    stage1 = folder.parent / (run.get('stage1')   # the stage-1 run it starts from
+                              or stage1_name(run['dataset'], run['method'], run.get('variant') or 'x1'))
     if run.get('variant') and run['stage'] == 2 and (stage1 / 'failed.json').is_file():   # no targets to start from
         folder.mkdir(parents=True, exist_ok=True)
         (folder / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -336,7 +338,7 @@ def collect(run):
     if run['stage'] == 1:
         meta = torch.load(folder / 'targets.pth', map_location='cpu', weights_only=False)['meta']
         return {**row, 'steps': meta['steps'], 'final_loss': meta['final_loss'],
-                'decoder': VARIANTS[run['variant']][1]}
+                'decoder': run['decoder'] if 'decoder' in run else VARIANTS[run['variant']][1]}
     mt = json.loads((folder / 'metrics.json').read_text())
     test, curve = mt['test'], [h.get('score') for h in mt['history']]
     if run['task'] == 'classification':
@@ -365,9 +367,9 @@ CSV_FIELDS = ['stage', 'dataset', 'task', 'fraction', 'method', 'init', 'variant
               'seconds', 'train_seconds', 'test_metrics', 'val_curve']
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, fields=CSV_FIELDS):
     with open(path, 'w', newline='') as f:
-        w = csv.DictWriter(f, CSV_FIELDS, extrasaction='ignore')
+        w = csv.DictWriter(f, fields, extrasaction='ignore')
         w.writeheader()
         for r in rows:
             w.writerow({k: (f'{v:.4f}' if isinstance(v, float) and k not in ('fraction', 'lr') else v)
@@ -477,7 +479,7 @@ HEALTH = {'dice': 0.05, 'reach': 0.05}   # design.md: worst foreground Dice at 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The report: results.md, val_curves.csv and two SVG plots
+# The report: results.md, val_curves.csv and two plots (SVG)
 
 def mean_std(values, digits=3):
     v = [x for x in values if x is not None and math.isfinite(x)]
@@ -539,50 +541,25 @@ def write_curves(rows, path):
                     w.writerow([d, t, frac, m, init, v, e + 1, f'{val:.4f}', len(curves)])
 
 
-COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b']
-
-
-def svg_plot(path, title, xlabel, ylabel, series, logx=False, zero=False):
-    """A line plot as plain SVG (no plotting library): series = [(name, xs, ys, errors or None)]; the errors are
-    [lo, hi] intervals drawn as bars."""
-    W, H, L, R, T, B = 560, 340, 60, 150, 30, 45
-    fx = (lambda x: math.log10(x)) if logx else float
-    pts = [(fx(x), y) for _, xs, ys, _ in series for x, y in zip(xs, ys)]
-    pts += [(fx(x), v) for _, xs, _, es in series if es for x, e in zip(xs, es) if e for v in e]
-    pts += [(pts[0][0], 0.0)] if zero and pts else []
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x0, x1 = (x0 - 0.5, x1 + 0.5) if x0 == x1 else (x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0))
-    y0, y1 = (y0 - 0.05, y1 + 0.05) if y0 == y1 else (y0 - 0.08 * (y1 - y0), y1 + 0.08 * (y1 - y0))
-    px = lambda x: L + (fx(x) - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
-           f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
-           f'<text x="14" y="{(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 14 {(T + H - B) / 2})">'
-           f'{ylabel}</text>']
-    for v in np.linspace(y0, y1, 5):
-        out.append(f'<text x="{L - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
-    xticks = sorted({x for _, xs, _, _ in series for x in xs})
-    for x in xticks if len(xticks) <= 12 else xticks[::max(1, len(xticks) // 10)]:
-        out.append(f'<text x="{px(x):.1f}" y="{H - B + 14}" text-anchor="middle">{x:g}</text>')
+def line_plot(path, title, xlabel, ylabel, series, logx=False, zero=False):
+    """A line plot (matplotlib, SVG): series = [(name, xs, ys, errors or None)]; the errors are [lo, hi] intervals
+    drawn as bars; zero draws the line y = 0."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    plt.rcParams['svg.hashsalt'] = 'tpp'            # the same figure gives the same file
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, xs, ys, errs in series:
+        yerr = None if not errs else np.abs(np.array([[e[0], e[1]] for e in errs]).T - np.array(ys))   # (2, N)
+        ax.errorbar(xs, ys, yerr=yerr, marker='o', markersize=4, capsize=3, label=name)
     if zero:
-        out.append(f'<line x1="{L}" y1="{py(0):.1f}" x2="{W - R}" y2="{py(0):.1f}" stroke="grey" '
-                   f'stroke-dasharray="4 3"/>')
-    for i, (name, xs, ys, errs) in enumerate(series):
-        c = COLOURS[i % len(COLOURS)]
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="'
-                   + ' '.join(f'{px(x):.1f},{py(y):.1f}' for x, y in zip(xs, ys)) + '"/>')
-        for x, y, e in zip(xs, ys, errs or [None] * len(xs)):
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>')
-            if e:
-                out.append(f'<line x1="{px(x):.1f}" y1="{py(e[0]):.1f}" x2="{px(x):.1f}" y2="{py(e[1]):.1f}" '
-                           f'stroke="{c}"/>')
-        out.append(f'<text x="{W - R + 8}" y="{T + 14 + 16 * i}" fill="{c}">{name}</text>')
-    Path(path).write_text('\n'.join(out + ['</svg>']) + '\n')
+        ax.axhline(0, color='grey', linestyle='--', linewidth=1)
+    if logx:
+        ax.set_xscale('log')
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, bbox_inches='tight', metadata={'Date': None})
+    plt.close(fig)
 
 
 def write_plots(summary, rows, out, m):
@@ -606,10 +583,10 @@ def write_plots(summary, rows, out, m):
                 curves.append((f'{d} {SHORT[task]} {init}' + (f' {v}' if v else ''),
                                list(range(1, arr.shape[1] + 1)), list(np.nanmean(arr, 0)), None))
     if effect:
-        svg_plot(out / 'effect_vs_stage1.svg', f'TPP − random LoRA, {sweep["fraction"]:.0%} labels (test, 95% CI)',
+        line_plot(out / 'effect_vs_stage1.svg', f'TPP − random LoRA, {sweep["fraction"]:.0%} labels (test, 95% CI)',
                  'stage-1 steps (log)', 'TPP − random', effect, logx=True, zero=True)
     if curves:
-        svg_plot(out / 'val_curves.svg', f'validation metric, LoRA, {sweep["fraction"]:.0%} labels (mean over seeds)',
+        line_plot(out / 'val_curves.svg', f'validation metric, LoRA, {sweep["fraction"]:.0%} labels (mean over seeds)',
                  'epoch', 'validation metric', curves)
 
 
@@ -622,16 +599,18 @@ def machine():
             f'Python {platform.python_version()}')
 
 
-def run_all(runs, args, m, out):
-    """Execute the runs in order (skipping finished ones) and return their rows."""
+def run_all(runs, args, m, out, sets_of=None, datasets=DATASETS):
+    """Execute the runs in order (skipping finished ones) and return their rows. sets_of(run, m, user_sets, out,
+    backbone) gives a run's --set list (default: overrides); datasets maps a run's dataset to its data overrides."""
+    sets_of = sets_of or overrides
     backbones = {}
     for i, run in enumerate(runs):
         run['dir'] = out / run['name']
         d = run['dataset']
         if d not in backbones:   # the config's backbone (the embedded default is bootstrapped once and cached)
-            cfg = config.load_config(args.config, DATASETS[d] + list(args.set))
+            cfg = config.load_config(args.config, datasets[d] + list(args.set))
             backbones[d] = pretrain_backbone.resolve(cfg).resolve()
-        sets = overrides(run, m, list(args.set), out, backbones[d])
+        sets = sets_of(run, m, list(args.set), out, backbones[d])
         t = time.time()
         status = execute(run, args.config, sets, args.verbose, args.keep)
         run['row'] = row = collect(run)
