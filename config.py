@@ -339,6 +339,21 @@ def _rules(cfg, stage):
            f"{d['test_fraction']}")
     yield (not d['layout'].startswith('synthetic') and d['root'] is None,
            f"data.root must be set for data.layout {d['layout']} (docs/data.md)")
+    # the external test set, which stage 2 evaluates when data.external_layout or external_root names one
+    external = stage in (2, None) and (d['external_layout'] is not None or d['external_root'] is not None)
+    ext_layout = d['external_layout'] or d['layout']
+    ext_builtin = ext_layout.startswith('synthetic')
+    yield (external and ext_builtin and d['external_root'] is not None,
+           f"data.external_root: {d['external_root']} is set, but the external layout {ext_layout} is built in (it has "
+           f"no root; data.external_site picks its site): set data.external_layout to msd, csv, folder or medmnist, "
+           f"or external_root to null")
+    yield (external and not ext_builtin and d['external_root'] is None,
+           f'data.external_root: must be set for the external layout {ext_layout}')
+    yield (external and ext_layout == d['layout'] and (d['external_site'] == d['site'] if ext_builtin
+                                                      else d['external_root'] == d['root']),
+           f"data.external_*: the external test set is the main data itself (data.layout {ext_layout}, the same "
+           f"{'site' if ext_builtin else 'root'}); name a second data set (for a built-in layout: another "
+           f"data.external_site)")
     for key in ('mean', 'std'):   # model.in_chans null follows the data: data.prepare checks the lengths then
         yield (model['in_chans'] is not None and len(d[key]) not in (1, model['in_chans']),
                f"data.{key} must have 1 or model.in_chans = {model['in_chans']} values, got {d[key]}")

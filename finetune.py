@@ -179,23 +179,13 @@ def data_name(dcfg):
 
 def external_config(dcfg):
     """The data config of the external test set (data.external_root / external_layout / external_site: the data
-    keys of a second data set, the other keys shared), or None when neither is set. Called before prepare resolves
-    data.intensity auto in dcfg, so the external set resolves its own."""
-    layout, root = dcfg['external_layout'] or dcfg['layout'], dcfg['external_root']
-    if root is None and dcfg['external_layout'] is None:
+    keys of a second data set, the other keys shared; config.load_config checked them), or None when neither is set.
+    Called before prepare resolves data.intensity auto in dcfg, so the external set resolves its own."""
+    if dcfg['external_root'] is None and dcfg['external_layout'] is None:
         return None
-    builtin = layout in data.SYNTHETIC_LAYOUTS
-    if builtin and root is not None:
-        raise config.ConfigError(f'data.external_root: {root} is set, but the external layout {layout} is built in '
-                                 f'(it has no root; data.external_site picks its site): set data.external_layout to '
-                                 f'msd, csv, folder or medmnist, or external_root to null')
-    if not builtin and root is None:
-        raise config.ConfigError(f'data.external_root: must be set for the external layout {layout}')
-    ext = {**dcfg, 'layout': layout, 'root': root, 'site': dcfg['external_site'] if builtin else dcfg['site']}
-    if data_name(ext) == data_name(dcfg):
-        raise config.ConfigError(f'data.external_*: the external test set is the main data itself ({data_name(dcfg)}); '
-                                 f'name a second data set (for a built-in layout: another data.external_site)')
-    return ext
+    layout = dcfg['external_layout'] or dcfg['layout']
+    site = dcfg['external_site'] if layout in data.SYNTHETIC_LAYOUTS else dcfg['site']
+    return {**dcfg, 'layout': layout, 'root': dcfg['external_root'], 'site': site}
 
 
 def prepare_external(ext, cfg, task, num_classes):
