@@ -573,7 +573,7 @@ def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
                         'medmnist': lambda: read_medmnist(root)}[layout]()
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
-    names['root'] = root.name if layout.startswith('synthetic') else str(root.resolve())   # where the cases are from
+    names['root'] = root.name if layout in SYNTHETIC_LAYOUTS else str(root.resolve())   # where the cases are from
     return cases, names
 
 
@@ -852,12 +852,12 @@ def random_views(images: torch.Tensor, dcfg: dict, crop_scale, size=None) -> tor
     and local crops. Outside the image is black, as in SliceDataset."""
     aug = {**dcfg['augment'], 'crop_scale': crop_scale}
     theta = torch.cat([random_affine(aug) for _ in range(len(images))]).to(images.device)  # (B, 2, 3)
-    mean, std = _mean_std(images, dcfg)
+    mean, std = mean_std(images, dcfg)
     black = -mean / std  # 0 before normalisation
     return resize(warp(images - black, None, theta)[0], None, size or images.shape[-1])[0] + black
 
 
-def _mean_std(images, dcfg):
+def mean_std(images, dcfg):
     """data.mean and data.std as (1, C, 1, 1) tensors on the images' device."""
     return (torch.tensor(dcfg[k], device=images.device).view(1, -1, 1, 1) for k in ('mean', 'std'))
 
@@ -870,7 +870,7 @@ def grey_photometric(images: torch.Tensor, dcfg: dict, blur: float, solarize: fl
     probability `blur` a Gaussian blur of sigma uniform in `sigma` (pixels); with probability `solarize`
     solarisation (values >= 0.5 inverted, as PIL's). Saturation and hue jitter leave grey images as they are. Every
     draw comes from torch's global generator, so a seed (and a resumed run) repeats them."""
-    mean, std = _mean_std(images, dcfg)
+    mean, std = mean_std(images, dcfg)
     u = lambda lo, hi: (lo + (hi - lo) * torch.rand(len(images))).to(images.device).view(-1, 1, 1, 1)   # (B, 1, 1, 1)
     jittered, brightness, contrast = u(0, 1) < jitter, u(0.6, 1.4), u(0.6, 1.4)
     blurred, sigmas, solarized = u(0, 1) < blur, u(*sigma), u(0, 1) < solarize

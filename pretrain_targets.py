@@ -165,8 +165,7 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
     mask = mae.unpatchify(mask[..., None].expand_as(pred))                           # (B, C, H, W), 1 = removed
     recon = images * (1 - mask) + mae.unpatchify(pred) * mask
-    mean = torch.tensor(dcfg['mean'], device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(dcfg['std'], device=images.device).view(1, -1, 1, 1)
+    mean, std = data.mean_std(images, dcfg)
     rows = [x * std + mean for x in (images * (1 - mask), recon, images)]            # back to [0, 1]
     if images.shape[1] != 3:                                                          # grey, or the first sequence
         rows = [x[:, :1] for x in rows]
