@@ -234,18 +234,13 @@ def gate(rows, m, score='test_score'):
     """The regime gate: the probe's mean AUC per probe data set and random LoRA's median update_ratio (over seeds
     of the per-run median over layers) per task, and whether both thresholds of GATE hold everywhere."""
     ok = [r for r in rows if r['stage'] == 2 and r['status'] == 'ok']
-    probe = {key(d, t): _mean([r[score] for r in ok if r['dataset'] == d and r['arm'] == 'probe'])
+    probe = {key(d, t): study.finite_mean([r[score] for r in ok if r['dataset'] == d and r['arm'] == 'probe'])
              for d, t in m['tasks'] if d in m['probe']}
     ratio = {key(d, t): _median([r['update_ratio'] for r in ok if r['dataset'] == d and r['arm'] == 'random'])
              for d, t in m['tasks']}
     passed = (all(v is not None and v >= GATE['probe_auc'] for v in probe.values())
               and all(v is not None and v <= GATE['update_ratio'] for v in ratio.values()))
     return {'probe': probe, 'update_ratio': ratio, 'passed': passed}
-
-
-def _mean(values):
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    return float(np.mean(v)) if v else None
 
 
 def mde(diffs):
@@ -274,7 +269,7 @@ def summarise(rows, m, choice):
                     'metric': good[0]['metric'] if good else None, 'seeds': [r['seed'] for r in good],
                     'values': [r['test_score'] for r in good], 'collapsed': sum(r['collapsed'] for r in good),
                     'diverged': len(rs) - len(good), 'primary': arm in ARMS,
-                    'mean': _mean([r['test_score'] for r in good])}
+                    'mean': study.finite_mean([r['test_score'] for r in good])}
             if arm == 'random':
                 cell['update_ratio'] = _median([r['update_ratio'] for r in good])
             if pretext:

@@ -420,8 +420,8 @@ def summarise(rows, m):
                 'collapsed': sum(r['collapsed'] for r in ok), 'worst_class': [r['test_aux'] for r in ok],
                 'mean': float(np.mean([r['test_score'] for r in ok])) if ok else None,
                 'std': float(np.std([r['test_score'] for r in ok], ddof=1)) if len(ok) > 1 else None,
-                'converge_epoch_mean': _mean([r['converge_epoch'] for r in ok]),
-                'val_curve_auc_mean': _mean([r['val_auc'] for r in ok]),
+                'converge_epoch_mean': finite_mean([r['converge_epoch'] for r in ok]),
+                'val_curve_auc_mean': finite_mean([r['val_auc'] for r in ok]),
                 'epochs': ok[0]['epochs'] if ok else None, 'trainable': ok[0]['trainable'] if ok else None}
         ref = {'tpp': (meth, 'random', ''), 'linear_tpp': ('ref', 'linear', '')}.get(init)
         if ref and (d, task, f, *ref) in groups:
@@ -433,7 +433,8 @@ def summarise(rows, m):
     return {'design': design(out, m), 'cells': out}
 
 
-def _mean(values):
+def finite_mean(values):
+    """The mean of the finite values (None and '' left out), or None when there are none."""
     v = [x for x in values if x is not None and x != '' and math.isfinite(x)]
     return float(np.mean(v)) if v else None
 
