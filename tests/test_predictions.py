@@ -78,18 +78,21 @@ def dice_from_files(pairs, num_classes):
     return float(np.nanmean(per_class)), per_class
 
 
-def split_test_cases(cfg, *overrides):
-    dcfg = config.load_config(cfg, list(overrides))['data']
-    return data.split_cases(data.prepare(dcfg, None)[0], dcfg)['test']
+def stage2_with_predictions(tmp_path, cache, sets, **finetune_keys):
+    """Stage 2 (random LoRA) with save_predictions on the data of `sets`: its run folder, its test metrics and the
+    test cases as data.py lists them."""
+    cfg = tiny_config(tmp_path, cache, finetune={**finetune_keys, 'save_predictions': True})
+    sets = [*sets, 'data.test_fraction=0.4']
+    run_dir = finetune.main(args(cfg, 'finetune.init=random', *sets))
+    dcfg = config.load_config(cfg, sets)['data']
+    cases = data.split_cases(data.prepare(dcfg, None)[0], dcfg)['test']
+    return run_dir, json.loads((run_dir / 'metrics.json').read_text())['test'], cases
 
 
 def test_predictions_are_on_the_source_grid_and_give_the_reported_dice(tmp_path, cache):
     root = msd_anisotropic(tmp_path / 'Task')
-    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 2, 'batch_size': 8, 'save_predictions': True})
-    sets = ['data.layout=msd', f'data.root={root}', 'data.test_fraction=0.4']
-    run_dir = finetune.main(args(cfg, 'finetune.init=random', *sets))
-    metrics = json.loads((run_dir / 'metrics.json').read_text())['test']
-    cases = split_test_cases(cfg, *sets)
+    run_dir, metrics, cases = stage2_with_predictions(tmp_path, cache, ['data.layout=msd', f'data.root={root}'],
+                                                      epochs=2, batch_size=8)
     assert {nib.aff2axcodes(nib.load(c.image).affine) for c in cases} == {('L', 'P', 'S'), ('P', 'L', 'S')}
     assert sorted(p.name for p in (run_dir / 'predictions').glob('*_pred.nii.gz')) == \
         sorted(f'{c.id}_pred.nii.gz' for c in cases)
@@ -110,11 +113,8 @@ def test_predictions_are_on_the_source_grid_and_give_the_reported_dice(tmp_path,
 
 def test_2d_predictions_with_class_folder_ids_have_the_image_size(tmp_path, cache):
     root = folder_odd_sizes(tmp_path / 'folders')
-    cfg = tiny_config(tmp_path, cache, finetune={'epochs': 4, 'batch_size': 4, 'save_predictions': True})
-    sets = ['data.layout=folder', f'data.root={root}', 'data.test_fraction=0.4']
-    run_dir = finetune.main(args(cfg, 'finetune.init=random', *sets))
-    metrics = json.loads((run_dir / 'metrics.json').read_text())['test']
-    cases = split_test_cases(cfg, *sets)
+    run_dir, metrics, cases = stage2_with_predictions(tmp_path, cache, ['data.layout=folder', f'data.root={root}'],
+                                                      epochs=4, batch_size=4)
     assert all('/' in c.id for c in cases) and any(' ' in c.id for c in cases)
     out = run_dir / 'predictions'
     files = {c.id: out / (c.id.replace('/', '__').replace(' ', '_') + '_pred.png') for c in cases}
