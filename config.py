@@ -328,6 +328,7 @@ SCHEMA = {
 }
 
 TARGET_INITS = ('tpp', 'random', 'linear_tpp')   # the finetune.init methods that insert the targets
+PRETRAINED_INITS = ('tpp', 'linear_tpp')          # those that load the pre-trained targets (TPP)
 
 
 def _rules(cfg, stage):

@@ -14,6 +14,7 @@ import config
 import data
 import engine
 import finetune
+import predictions
 import pretrain_backbone
 import pretrain_targets
 import synthetic
@@ -129,10 +130,10 @@ def test_external_metrics_equal_evaluating_that_data_as_a_test_split(tmp_path, c
     cases, info = data.prepare(dcfg, str(cache), task, run_cfg['model']['in_chans'])
     run_cfg['model']['in_chans'] = info['in_chans']
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
-    model, _ = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), num_classes, 'linear', None)
+    model, _, _ = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), num_classes, 'linear', None)
     engine.load_trainable_state(model, torch.load(run_dir / 'best.pth', weights_only=False)['model'])
     loader = engine.make_loader(run, data.SliceDataset(cases, dcfg, 32, 1, task, train=False), 32, train=False)
-    again = finetune.evaluate(run, model, loader, task, num_classes, native=True)
+    again = predictions.evaluate(run, model, loader, task, num_classes, native=True)
     assert json.dumps(again) == json.dumps(metrics['external'])                         # exactly, NaN included
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -13,6 +13,7 @@ from PIL import Image
 import config
 import data
 import finetune
+import predictions
 from conftest import args, tiny_config
 
 ZOOMS = (0.7, 0.9, 2.5)
@@ -133,11 +134,11 @@ def test_2d_predictions_with_class_folder_ids_have_the_image_size(tmp_path, cach
 def test_prediction_names_stay_in_the_folder_and_never_collide():
     ids = ['a/b', 'a__b', 'A/B', '../../etc/x', 'p 1', 'p?1', 'same', 'same', '.hidden', 'c\\d']
     cases = [data.Case(cid, Path(f'/d/{i}.png'), None, None) for i, cid in enumerate(ids)]
-    names = finetune.prediction_names(cases)
+    names = predictions.prediction_names(cases)
     assert len({n.casefold() for n in names}) == len(names)
     assert all('/' not in n and '\\' not in n and not n.startswith('.') and n.endswith('_pred.png') for n in names)
     assert names[:2] == ['a__b_pred.png', 'a__b_2_pred.png'] and names[6:8] == ['same_pred.png', 'same_2_pred.png']
-    assert finetune.prediction_names([data.Case('c', Path('/d/c.nii.gz'), None, None)]) == ['c_pred.nii.gz']
+    assert predictions.prediction_names([data.Case('c', Path('/d/c.nii.gz'), None, None)]) == ['c_pred.nii.gz']
 
 
 @pytest.mark.parametrize('shape, swap', [((40, 48, 6), False), ((40, 48, 6), True), ((40, 1, 6), True)])

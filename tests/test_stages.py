@@ -13,7 +13,9 @@ import data
 import engine
 import finetune
 import lora
+import metrics
 import models
+import predictions
 import pretrain_backbone
 import pretrain_targets
 import synthetic
@@ -83,13 +85,17 @@ def test_linear_tpp_trains_the_head_on_the_frozen_pre_trained_targets(tmp_path, 
     targets, source = saved['targets'], saved['meta']['data']           # fine-tuned on stage 1's data
     run_cfg = config.load_config(cfg, ['finetune.init=linear_tpp'])
     run = engine.Run(run_cfg, 'probe')
-    model, counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear_tpp', source)
+    model, counts, stage1 = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear_tpp',
+                                                 source)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {f'head.{n}' for n, _ in
                                                                             model.head.named_parameters()}
     loaded = {n: p for n, p in lora.target_parameters(model.backbone)}
     assert set(loaded) == set(targets) and all(torch.equal(loaded[k], targets[k]) for k in targets)
-    linear, linear_counts = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear', source)
+    assert stage1.keys() == targets.keys()                             # kept for lora_diagnostics: no second read
+    linear, linear_counts, none = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear',
+                                                       source)
     assert counts['trainable'] == linear_counts['trainable'] and counts['targets'] > 0 == linear_counts['targets']
+    assert none is None
 
 
 @pytest.mark.parametrize('task', ['segmentation', 'classification'])
@@ -106,19 +112,19 @@ def test_lora_runs_record_their_update_ratio(tmp_path, cache):
     backbone = models.build_backbone(cfg)
     lora.inject(backbone, cfg['peft'])
     model, _ = finetune.add_head(cfg, backbone, 2, 'random')
-    diagnostics = finetune.lora_diagnostics(cfg, model, 'random')   # tpp adds target_survival (test_pretext.py)
+    diagnostics = finetune.lora_diagnostics(model, 'random')   # tpp adds target_survival (test_pretext.py)
     assert diagnostics.keys() == {'update_ratio'} and diagnostics['update_ratio']['median'] == 0   # B = 0
-    assert finetune.lora_diagnostics(cfg, model, 'linear') == {}
+    assert finetune.lora_diagnostics(model, 'linear') == {}
     adapters = config.load_config(tiny_config(tmp_path, cache), ['peft.lora.r=0', 'peft.adapter.kind=parallel'])
     backbone = models.build_backbone(adapters)
     lora.inject(backbone, adapters['peft'])
-    assert finetune.lora_diagnostics(adapters, finetune.add_head(adapters, backbone, 2, 'random')[0], 'random') == {}
+    assert finetune.lora_diagnostics(finetune.add_head(adapters, backbone, 2, 'random')[0], 'random') == {}
 
 
 def test_macro_f1_leaves_out_classes_absent_from_labels_and_predictions():
     labels = np.array([0, 0, 1, 1])
     probs = np.eye(4)[[0, 0, 1, 3]]                            # class 2: never true, never predicted; 3: predicted
-    m = finetune.classification_metrics(probs, labels, 4)
+    m = metrics.classification_metrics(probs, labels, 4)
     assert m['macro_f1'] == pytest.approx((1 + 2 / 3 + 0) / 3)  # classes 0, 1, 3
 
 
@@ -141,7 +147,7 @@ def test_stage2_loads_targets_and_learns(tmp_path, cache, task):
     dcfg = run_cfg['data']
     test_cases = data.split_cases(data.prepare(dcfg, str(cache))[0], dcfg)['test']
     loader = engine.make_loader(run, data.SliceDataset(test_cases, dcfg, 32, 1, task, train=False), 32, train=False)
-    again = finetune.evaluate(run, model, loader, task, saved['num_classes'], native=True)   # as the test split
+    again = predictions.evaluate(run, model, loader, task, saved['num_classes'], native=True)   # as the test split
     assert again['score'] == pytest.approx(metrics['test']['score'], abs=2e-3)
 
 
