@@ -26,20 +26,11 @@ class Target(nn.Module):
     """Marker base class: every parameter owned by a Target module is a target parameter (the only rule)."""
 
 
-# What torch.load raises for an empty, truncated or non-PyTorch file (the targets file here, backbone checkpoints in
-# pretrain_backbone.py): caught to name the file instead of a traceback from deep inside the unpickler.
-UNREADABLE_FILE_ERRORS = (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError)
-
-
-class TargetMismatchError(UserError, ValueError):
-    """Saved targets do not fit this model (keys, shapes or the recorded backbone / PEFT settings)."""
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# LoRA
+# The targets: LoRA, adapters, prompts
 
 class LoRA(Target):
-    """Low-rank update of a linear layer: delta(x) = (alpha / r) * B(A(dropout(x))).
+    """Low-rank update of a linear layer: y + s * B(A(dropout(x))), s = alpha / r.
 
     `slices` chooses the output rows to adapt, each slice with its own rank-r pair (A_i, B_i), as the LoRA paper adapts
     W_q and W_v separately inside a fused qkv; None adapts all rows with one pair. A is Kaiming-uniform and B is zero,
@@ -60,6 +51,15 @@ class LoRA(Target):
         rows = torch.cat([torch.arange(start, stop) for start, stop in slices])
         self.register_buffer('rows', None if len(rows) == out_features else rows, persistent=False)
 
+    def forward(self, x, y):
+        """y + s * B(A x): the base layer's output y (..., out) plus the update of its input x (..., in). B is
+        block-diagonal, so with slices the rows of slice i get s * B_i(A_i x)."""
+        sAx = self.scaling * (self.dropout(x) @ self.A.t())                  # (..., g*r): s on the narrow side
+        B = torch.block_diag(*self.B.view(self.groups, self.width, self.r))   # (g*d, g*r)
+        if self.rows is None:
+            return y + sAx @ B.t()
+        return y.index_add(-1, self.rows, (sAx @ B.t()).to(y.dtype))         # only the adapted slices' rows
+
     def delta_weight(self, A=None, B=None):
         """The update as a dense (out, in) matrix, for merging: scaling * B_i A_i placed on each slice's rows. A, B:
         other factors of this module's shapes (stage 1's, for update_survival) in place of its own."""
@@ -69,14 +69,6 @@ class LoRA(Target):
         if self.rows is None:
             return dW
         return torch.zeros(self.out_features, dW.shape[1], dtype=dW.dtype, device=dW.device).index_copy_(0, self.rows, dW)
-
-    def forward(self, x, y):
-        """Add the update to the base layer's output y (..., out) computed from input x (..., in)."""
-        a = (self.dropout(x) @ self.A.t()) * self.scaling                     # (..., g*r): scale the narrow side
-        B = torch.block_diag(*self.B.view(self.groups, self.width, self.r))    # (g*d, g*r): slice i sees only A_i
-        if self.rows is None:                                                  # every row: y + a B^T in one addmm
-            return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), B.t()).view_as(y)
-        return y.index_add(-1, self.rows, (a @ B.t()).to(y.dtype))            # the adapted slices' rows only
 
 
 class LoRALinear(nn.Linear):
@@ -108,9 +100,6 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Adapters
-
 class Adapter(Target):
     """Bottleneck adapter, called by models.Block as adapter(x, y) -> y' where x is the residual stream entering a
     branch (before its norm) and y the branch output.
@@ -118,12 +107,11 @@ class Adapter(Target):
     parallel   (AdaptFormer): y + s * up(relu(down(x)))    beside the MLP, reading x as AdaptFormer does
     sequential (Houlsby):     y + s * up(relu(down(y)))    after attention and after the MLP
     `up` and the `down` bias are zero-initialised (AdaptFormer's init), so an injected model starts exactly equal to
-    the backbone.
+    the backbone. kind: peft.adapter.kind (config.SCHEMA checks its values).
     """
 
     def __init__(self, dim, bottleneck, scale, kind):
         super().__init__()
-        assert kind in ('parallel', 'sequential'), kind
         self.kind, self.scale = kind, scale
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
@@ -136,15 +124,12 @@ class Adapter(Target):
         return y + self.scale * self.up(F.relu(self.down(src)))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Visual prompt tuning (VPT)
-
 class Prompt(Target):
-    """N learned tokens that models.VisionTransformer places after the cls token: before the first block only
-    (shallow, tokens (1, N, D)) or anew before every block (deep, tokens (depth, N, D)), replacing the previous
-    block's. They carry no position embedding and are dropped from the encoder's outputs. Init as VPT: uniform in
-    +-sqrt(6 / (C*p*p + D)), the xavier bound of the patch projection (VPT writes C = 3), so they start at the scale
-    of patch embeddings."""
+    """Visual prompt tuning (VPT): N learned tokens that models.VisionTransformer places after the cls token: before
+    the first block only (shallow, tokens (1, N, D)) or anew before every block (deep, tokens (depth, N, D)), replacing
+    the previous block's. They carry no position embedding and are dropped from the encoder's outputs. Init as VPT:
+    uniform in +-sqrt(6 / (C*p*p + D)), the xavier bound of the patch projection (VPT writes C = 3), so they start at
+    the scale of patch embeddings."""
 
     def __init__(self, depth, tokens, dim, patch_dim):
         super().__init__()
@@ -161,20 +146,6 @@ class Prompt(Target):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Insert the targets
-
-def _lora_slices(name, layer, qv_only):
-    if not qv_only or not name.endswith('qkv'):
-        return None
-    d = layer.out_features // 3
-    return [(0, d), (2 * d, 3 * d)]                                            # q and v; k stays untouched
-
-
-def check_layers(cfg):
-    """Insert the configured targets into the configured encoder built on the meta device (shapes only, no memory):
-    a peft.lora.layers pattern that matches no layer is refused before anything runs."""
-    with torch.device('meta'):
-        inject(build_backbone(cfg), cfg['peft'])
-
 
 def inject(model, peft):
     """Insert the configured targets (the `peft:` config section) into `model.blocks`, the encoder, and nowhere else
@@ -214,6 +185,20 @@ def inject(model, peft):
     return added
 
 
+def _lora_slices(name, layer, qv_only):
+    if not qv_only or not name.endswith('qkv'):
+        return None
+    d = layer.out_features // 3
+    return [(0, d), (2 * d, 3 * d)]                                            # q and v; k stays untouched
+
+
+def check_layers(cfg):
+    """Insert the configured targets into the configured encoder built on the meta device (shapes only, no memory):
+    a peft.lora.layers pattern that matches no layer is refused before anything runs."""
+    with torch.device('meta'):
+        inject(build_backbone(cfg), cfg['peft'])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Freeze, filter, save, load
 
@@ -246,34 +231,6 @@ def target_state_dict(model):
     return {name: p.detach().clone() for name, p in target_parameters(model)}
 
 
-def _summary(keys):
-    """'lora on attn.qkv x6, adapter_mlp x6': which module kinds a set of target keys covers."""
-    kinds = {}
-    for k in keys:
-        parts = k.split('.')
-        kind = ('lora on ' + '.'.join(parts[2:-2])) if parts[-2] == 'lora' else parts[2 if parts[0] == 'blocks' else 0]
-        kinds.setdefault(kind, set()).add(parts[1])
-    return ', '.join(f'{kind} x{len(blocks)}' for kind, blocks in sorted(kinds.items())) or 'nothing'
-
-
-def _shape_cause(model, sd, key):
-    """The likely config setting behind a mis-shaped target key, read from the saved shapes of its module."""
-    owner_name = key.rsplit('.', 1)[0]
-    owner, prefix = model.get_submodule(owner_name), owner_name + '.'
-    if isinstance(owner, LoRA):
-        saved_groups = sd[prefix + 'B'].shape[0] // owner.width
-        if saved_groups != owner.groups:
-            return f'saved with qv_only={saved_groups == 2}, config has qv_only={owner.groups == 2} (peft.lora.qv_only)'
-        if sd[prefix + 'A'].shape[1] == owner.A.shape[1]:
-            return f'saved with rank {sd[prefix + "A"].shape[0] // saved_groups}, config has rank {owner.r} (peft.lora.r)'
-    if isinstance(owner, Prompt) and sd[key].shape[2:] == owner.tokens.shape[2:]:
-        (saved_blocks, saved_n), (blocks, n) = sd[key].shape[:2], owner.tokens.shape[:2]
-        return f'saved {saved_n} prompt tokens in {saved_blocks} block(s), config has {n} in {blocks} (peft.prompt.*)'
-    if key.endswith('down.weight') and sd[key].shape[1:] == owner.weight.shape[1:]:
-        return f'saved with adapter dim {sd[key].shape[0]}, config has {owner.weight.shape[0]} (peft.adapter.dim)'
-    return 'the backbone width differs (model.*)'
-
-
 def load_target_state_dict(model, sd):
     """Load targets strictly (a missing, unexpected or mis-shaped key is an error naming it and the likely cause) and
     make them trainable: stage 2 fine-tunes them from here."""
@@ -293,18 +250,6 @@ def load_target_state_dict(model, sd):
         for name, p in params.items():
             p.copy_(sd[name])
             p.requires_grad = True
-
-
-def backbone_fingerprint(model):
-    """A short hash of the backbone weights (encoder parameters that are not targets), stored with the targets so
-    stage 2 can check it fine-tunes them on the very backbone they were pre-trained on."""
-    targets = {name for name, _ in target_parameters(model)}
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if name not in targets and not is_decoder_key(name):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def merge(model):
@@ -331,6 +276,18 @@ def merged_state_dict(model):
 # ----------------------------------------------------------------------------------------------------------------------
 # The targets file: the targets plus what they were pre-trained for
 
+def backbone_fingerprint(model):
+    """A short hash of the backbone weights (encoder parameters that are not targets), stored with the targets so
+    stage 2 can check it fine-tunes them on the very backbone they were pre-trained on."""
+    targets = {name for name, _ in target_parameters(model)}
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if name not in targets and not is_decoder_key(name):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def structure(model):
     """What each target module multiplies its output by (LoRA: alpha / r; adapters: kind and scale), resolved on the
     model: with the target keys and shapes (checked on loading) this fixes what the targets compute, so equivalent
@@ -339,23 +296,9 @@ def structure(model):
             for name, m in model.named_modules() if isinstance(m, Target)}   # prompts: their shape says it all
 
 
-def check_meta(saved, expected, path, keys=('arch', 'backbone')):
-    """Compare a targets file's metadata with this run; a difference is an error that says which setting differs."""
-    what = {'arch': 'model.*', 'backbone': 'backbone.checkpoint', 'peft': 'peft.lora.alpha / r, peft.adapter.scale'}
-    for key in keys:
-        if saved.get(key) != expected[key]:
-            old, new = saved.get(key), expected[key]
-            if key == 'peft':   # the keys are equal by now (load_target_state_dict): name one module that differs
-                name = next(k for k in new if old.get(k) != new[k])
-                old = f'{name} scaling {old[name]}' if name in old else f'no record of {name} (a file of an older tpp?)'
-                new = new[name]
-            raise TargetMismatchError(
-                f'{path}: the targets were pre-trained with {key} {old}, this run has {new} ({what[key]}): '
-                f'pre-train them again with the same settings, or set finetune.init=random')
-
-
 def load_targets(path, model, expected):
-    """Stage 2's side of TPP: check a targets file against this run, then load its targets into `model`."""
+    """Stage 2's side of TPP: check a targets file against this run, then load its targets into `model`. Returns
+    (meta, targets): the file's metadata and its state dict of targets."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except UNREADABLE_FILE_ERRORS as e:
@@ -368,15 +311,26 @@ def load_targets(path, model, expected):
     check_meta(ckpt['meta'], expected, path)
     load_target_state_dict(model, ckpt['targets'])   # names a missing, unexpected or mis-shaped target
     check_meta(ckpt['meta'], expected, path, ('peft',))
-    return ckpt['meta']
+    return ckpt['meta'], ckpt['targets']
+
+
+def check_meta(saved, expected, path, keys=('arch', 'backbone')):
+    """Compare a targets file's metadata with this run; a difference is an error that says which setting differs."""
+    what = {'arch': 'model.*', 'backbone': 'backbone.checkpoint', 'peft': 'peft.lora.alpha / r, peft.adapter.scale'}
+    for key in keys:
+        if saved.get(key) != expected[key]:
+            old, new = saved.get(key), expected[key]
+            if key == 'peft':   # the keys are equal by now (load_target_state_dict): name one module that differs
+                name = next(k for k in new if old.get(k) != new[k])
+                old = f'{name} scaling {old[name]}' if name in old else f'no record of {name}'
+                new = new[name]
+            raise TargetMismatchError(
+                f'{path}: the targets were pre-trained with {key} {old}, this run has {new} ({what[key]}): '
+                f'pre-train them again with the same settings, or set finetune.init=random')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # How far fine-tuning moved LoRA (stage 2's diagnostics: pure functions of the modules and the saved targets)
-
-def _median(values):
-    return torch.tensor(list(values), dtype=torch.float64).quantile(0.5).item()
-
 
 @torch.no_grad()
 def update_ratio(model):
@@ -407,3 +361,47 @@ def update_survival(stage1_targets, model):
             layers[name] = {'cosine': (start @ final / (start.norm() * final.norm())).item(),
                             'norm_ratio': (final.norm() / start.norm()).item()}
     return {k: _median(layer[k] for layer in layers.values()) for k in ('cosine', 'norm_ratio')} | {'per_layer': layers}
+
+
+def _median(values):
+    return torch.tensor(list(values), dtype=torch.float64).quantile(0.5).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors and their messages
+
+class TargetMismatchError(UserError, ValueError):
+    """Saved targets do not fit this model (keys, shapes or the recorded backbone / PEFT settings)."""
+
+
+# What torch.load raises for an empty, truncated or non-PyTorch file (the targets file here, backbone checkpoints in
+# pretrain_backbone.py): caught to name the file instead of a traceback from deep inside the unpickler.
+UNREADABLE_FILE_ERRORS = (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError)
+
+
+def _summary(keys):
+    """'lora on attn.qkv x6, adapter_mlp x6': which module kinds a set of target keys covers."""
+    kinds = {}
+    for k in keys:
+        parts = k.split('.')
+        kind = ('lora on ' + '.'.join(parts[2:-2])) if parts[-2] == 'lora' else parts[2 if parts[0] == 'blocks' else 0]
+        kinds.setdefault(kind, set()).add(parts[1])
+    return ', '.join(f'{kind} x{len(blocks)}' for kind, blocks in sorted(kinds.items())) or 'nothing'
+
+
+def _shape_cause(model, sd, key):
+    """The likely config setting behind a mis-shaped target key, read from the saved shapes of its module."""
+    owner_name = key.rsplit('.', 1)[0]
+    owner, prefix = model.get_submodule(owner_name), owner_name + '.'
+    if isinstance(owner, LoRA):
+        saved_groups = sd[prefix + 'B'].shape[0] // owner.width
+        if saved_groups != owner.groups:
+            return f'saved with qv_only={saved_groups == 2}, config has qv_only={owner.groups == 2} (peft.lora.qv_only)'
+        if sd[prefix + 'A'].shape[1] == owner.A.shape[1]:
+            return f'saved with rank {sd[prefix + "A"].shape[0] // saved_groups}, config has rank {owner.r} (peft.lora.r)'
+    if isinstance(owner, Prompt) and sd[key].shape[2:] == owner.tokens.shape[2:]:
+        (saved_blocks, saved_n), (blocks, n) = sd[key].shape[:2], owner.tokens.shape[:2]
+        return f'saved {saved_n} prompt tokens in {saved_blocks} block(s), config has {n} in {blocks} (peft.prompt.*)'
+    if key.endswith('down.weight') and sd[key].shape[1:] == owner.weight.shape[1:]:
+        return f'saved with adapter dim {sd[key].shape[0]}, config has {owner.weight.shape[0]} (peft.adapter.dim)'
+    return 'the backbone width differs (model.*)'
