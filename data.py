@@ -555,6 +555,12 @@ def resolve_intensity(mode: str, cases: list[Case], names: dict) -> tuple[str, s
     return mode, f'auto -> {mode} ({why})'
 
 
+# The readers of the layouts with a data.root: reader(root, dcfg) -> (cases, names), as the layout readers above.
+READERS = {'msd': lambda root, dcfg: read_msd(root), 'csv': lambda root, dcfg: read_csv(root),
+           'folder': lambda root, dcfg: read_folder(root, dcfg['mask_suffix']),
+           'medmnist': lambda root, dcfg: read_medmnist(root)}
+
+
 def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
     """The cases of data.layout and their names (layout readers), files listed but not decoded; the synthetic sets
     (of data.site) are written to cache_dir on first use."""
@@ -566,15 +572,30 @@ def read_cases(dcfg: dict, cache_dir) -> tuple[list[Case], dict]:
     elif layout == 'synthetic_us':
         cases, names = read_folder(root, '_mask')
         names['class_names'] = ['background', 'lesion']
-    else:   # msd, csv, folder, medmnist: config.load_config makes sure data.root is set
+    else:   # a layout of READERS: config.load_config makes sure data.root is set
         root = Path(root).expanduser()
-        cases, names = {'msd': lambda: read_msd(root), 'csv': lambda: read_csv(root),
-                        'folder': lambda: read_folder(root, dcfg['mask_suffix']),
-                        'medmnist': lambda: read_medmnist(root)}[layout]()
+        cases, names = READERS[layout](root, dcfg)
     if not cases:
         raise DataError(f'{root}: no cases found for data.layout {layout}')
     names['root'] = root.name if layout in SYNTHETIC_LAYOUTS else str(root.resolve())   # where the cases are from
     return cases, names
+
+
+def source_name(dcfg: dict) -> str:
+    """The data set a data config names, for messages: its layout and root, or a built-in layout's site."""
+    where = f"site {dcfg['site']}" if dcfg['layout'] in SYNTHETIC_LAYOUTS else dcfg['root']
+    return f"data.layout {dcfg['layout']} ({where})"
+
+
+def external_config(dcfg: dict) -> dict | None:
+    """The data config of the external test set (data.external_root / external_layout / external_site: the data
+    keys of a second data set, the other keys shared; config.load_config checked them), or None when neither is set.
+    Called before prepare resolves data.intensity auto in dcfg, so the external set resolves its own."""
+    if dcfg['external_root'] is None and dcfg['external_layout'] is None:
+        return None
+    layout = dcfg['external_layout'] or dcfg['layout']
+    site = dcfg['external_site'] if layout in SYNTHETIC_LAYOUTS else dcfg['site']
+    return {**dcfg, 'layout': layout, 'root': dcfg['external_root'], 'site': site}
 
 
 def resolve_in_chans(configured, chans: int, colour: bool) -> tuple[int, str]:
@@ -862,6 +883,12 @@ def mean_std(images, dcfg):
     return (torch.tensor(dcfg[k], device=images.device).view(1, -1, 1, 1) for k in ('mean', 'std'))
 
 
+def unnormalize(images, dcfg):
+    """images (B, C, H, W), normalised -> their [0, 1] intensities: x * std + mean, the inverse of normalize."""
+    mean, std = mean_std(images, dcfg)
+    return images * std + mean
+
+
 def grey_photometric(images: torch.Tensor, dcfg: dict, blur: float, solarize: float, sigma,
                      jitter=0.8) -> torch.Tensor:
     """DINO's photometric augmentation for grey images, on a normalised batch (B, C, H, W) -> the same shape. Each
@@ -874,7 +901,7 @@ def grey_photometric(images: torch.Tensor, dcfg: dict, blur: float, solarize: fl
     u = lambda lo, hi: (lo + (hi - lo) * torch.rand(len(images))).to(images.device).view(-1, 1, 1, 1)   # (B, 1, 1, 1)
     jittered, brightness, contrast = u(0, 1) < jitter, u(0.6, 1.4), u(0.6, 1.4)
     blurred, sigmas, solarized = u(0, 1) < blur, u(*sigma), u(0, 1) < solarize
-    x = images * std + mean                                                             # [0, 1] intensities
+    x = unnormalize(images, dcfg)                                                       # [0, 1] intensities
     bright = (x * brightness).clamp(0, 1)
     grey = bright.mean(dim=(1, 2, 3), keepdim=True)                                     # (B, 1, 1, 1)
     x = torch.where(jittered, (contrast * bright + (1 - contrast) * grey).clamp(0, 1), x)
@@ -915,8 +942,6 @@ class SliceDataset(torch.utils.data.Dataset):
     DataLoader worker has its copy)."""
 
     def __init__(self, cases, dcfg, img_size, in_chans, task, train):
-        if task not in (None, 'classification', 'segmentation'):
-            raise DataError(f'task: {task!r} is not one of None | classification | segmentation')
         if not set(modes(dcfg['intensity'])) <= set(INTENSITIES):    # a bug: prepare resolves data.intensity auto first
             raise ValueError(f"data.intensity {dcfg['intensity']!r}: SliceDataset needs modes of {INTENSITIES}")
         self.cases, self.dcfg, self.size, self.in_chans = list(cases), dcfg, img_size, in_chans
