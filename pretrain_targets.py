@@ -1,12 +1,8 @@
-"""Stage 1 of TPP: pre-train the PEFT target parameters with a self-supervised pretext (pretrain.pretext: mae | dino).
+"""Stage 1 of TPP: pre-train the PEFT target parameters with a self-supervised pretext (pretrain.pretext: mae | dino)
+on the downstream training images, the backbone frozen, and save only the targets for stage 2:
+<run.out_dir>/<pretrain.name>/targets.pth. main reads as the method's steps (the `# --- TPP:` lines).
 
     python pretrain_targets.py --config config.yaml [--set key=value ...] [--resume]
-
-1. build the pretext model (the pre-trained backbone plus the MAE decoder or the DINO head) and load the backbone
-2. insert the targets (LoRA / adapters / prompt tokens) into the encoder blocks
-3. freeze the backbone explicitly: only the targets and the pretext head (the decoder if pretrain.train_decoder) train
-4. train them with the pretext loss on the downstream training images; labels are never read
-5. save only the targets, with what they were pre-trained for: <run.out_dir>/<pretrain.name>/targets.pth
 
 With no backbone.checkpoint configured, the embedded default backbone is made first (once, cached; see
 pretrain_backbone.py): the same MAE training with every parameter trainable, on upstream images.
@@ -217,8 +213,8 @@ def main(args):
         dataset = data.SliceDataset(train_cases, dcfg, arch['img_size'], arch['in_chans'], task=None, train=True)
         model = (models.build_dino(cfg) if dino else models.build_mae(cfg)).to(run.device)
         encoder = model.backbone if dino else model                  # the ViT that takes the targets
-        need_decoder = not (dino or pcfg['train_decoder'])           # a frozen decoder must come with the backbone
-        run.log(load_checkpoint(encoder, backbone_path, need_decoder=need_decoder))
+        run.log(load_checkpoint(encoder, backbone_path,   # a frozen decoder must come with the backbone
+                                need_decoder=not (dino or pcfg['train_decoder'])))
         fingerprint = lora.backbone_fingerprint(encoder)             # identifies the backbone the targets belong to
 
         # --- TPP: insert the targets (LoRA / adapters / prompt tokens) into the encoder blocks
