@@ -1,336 +1,24 @@
-"""Run plumbing shared by both stages (and the backbone bootstrap): the command line, run folders, device and AMP,
-seeding, data loaders, AdamW with warm-up + cosine, the one training loop, atomic checkpoints and exact resume,
-progress lines, TensorBoard and torchrun. Nothing here knows about TPP; the two stage scripts hold the method."""
-import argparse
-import errno
+"""The training engine shared by every stage (the backbone bootstrap, stage 1 and stage 2): data loaders, AdamW with
+warm-up + cosine, the one training loop with its per-epoch evaluation and checkpoints, and the MAE training call.
+Nothing here knows about TPP (the two stage scripts hold the method) or about run folders (runs.py)."""
 import math
-import os
 import random
-import socket
-import sys
 import time
-from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
-from config import ConfigError, UserError, read_yaml
+import runs
+from config import ConfigError, UserError
 
 
 class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-class RunFolderError(UserError):
-    """A run folder that cannot be used as asked (not tpp's, another stage's, in use, finished, missing, damaged,
-    full disk); the message says the way out."""
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# The command line of every entry point
-
-def parse_args(description):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', default='config.yaml', help='YAML config (keys documented in config.yaml)')
-    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override, e.g. pretrain.lr=1e-3')
-    p.add_argument('--resume', action='store_true', help='continue the run folder from its last checkpoint')
-    return p.parse_args()
-
-
-def cli(main, description):
-    """Run an entry point's main(args) under exit_on_user_error."""
-    return exit_on_user_error(main, parse_args(description))
-
-
-def exit_on_user_error(main, *args):
-    """main(*args), with a UserError printed as one `error: ...` line on stderr and exit status 2, with no traceback
-    (TPP_DEBUG=1 shows it); Ctrl-C exits with status 130 after the run's line on how to continue; any other exception
-    is a bug and keeps its traceback."""
-    try:
-        return main(*args)
-    except (UserError, KeyboardInterrupt) as e:
-        if os.environ.get('TPP_DEBUG') == '1':
-            raise
-        if isinstance(e, KeyboardInterrupt):
-            sys.exit(130)
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def check_writable(path, key):
-    """Refuse a folder that cannot be made or written (read-only, under a file) before a stage writes anything."""
-    path = Path(path).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f'{key}: {path} cannot be made: {existing} is a file, not a folder')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f'{key}: {path} cannot be written ({existing} is read-only for this user): choose '
-                          f'another folder')
-
-
-def preflight(cfg):
-    """What the schema cannot see, checked before a stage writes anything: the run and cache folders can be written,
-    run.device exists and run.amp suits it."""
-    check_writable(cfg['run']['out_dir'], 'run.out_dir')
-    check_writable(cfg['run']['cache_dir'], 'run.cache_dir')
-    _pick_amp(cfg['run']['amp'], pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0))))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A run: its folder, device, precision, process group, logging
-
-FIXED_ON_RESUME = ('model', 'mae', 'peft', 'backbone', 'data')   # what a resumed run must share with its start
-MARKER = '.tpp-run'   # written when tpp makes a run folder; holds the stage that made it
-LOCK = '.lock'        # "<pid> <host>" of the process writing the folder, while it runs
-RESUME_KEYS = ('model', 'optimizer', 'scaler', 'rng', 'epoch', 'step', 'best', 'history')   # of checkpoint.pth
-
-
-class Run:
-    """One training run: `<run.out_dir>/<name>`, the device and AMP dtype, the torchrun rank, log and TensorBoard.
-    Use it as `with Run(...) as run:`; leaving the block (also by an error or Ctrl-C) releases the folder.
-    Making one only checks; the folder is made by start() when training starts (train calls it), so a stage that
-    fails its own checks first (data, checkpoints, targets) leaves nothing behind. tpp writes only into folders it
-    made (MARKER names the stage: another stage's folder is refused) and one process at a time (LOCK). A folder with
-    no checkpoint.pth (stopped before its first epoch ended) is reused; one with a checkpoint is only continued with
-    --resume, which refuses a changed `fixed` section; one holding `result` (what the finished stage writes last) is
-    never touched again. Under torchrun every rank makes one; only rank 0 writes the folder (log, TensorBoard,
-    checkpoints) and holds its lock."""
-
-    def __init__(self, cfg, name, resume=False, result=None, fixed=FIXED_ON_RESUME, stage='run',
-                 resumed_by='the same command with --resume'):
-        self.cfg, self.resume, self.result, self.stage, self.resumed_by = cfg, resume, result, stage, resumed_by
-        self.started, self.locked, self._unwritten, self.writer = False, False, [], None
-        self.device = pick_device(cfg['run']['device'], int(os.environ.get('LOCAL_RANK', 0)))
-        self.rank, self.world = _init_distributed(self.device)
-        self.amp = _pick_amp(cfg['run']['amp'], self.device)
-        self.dir = Path(cfg['run']['out_dir']) / name
-        self.checkpoint, self.lock = self.dir / 'checkpoint.pth', self.dir / LOCK
-        named_by = f'{stage}.name' if isinstance(cfg.get(stage), dict) and 'name' in cfg[stage] else None
-        self.rename = f'choose another name (--set {named_by}=...)' if named_by else 'choose another name'
-        self._check_folder()
-        if resume:   # before anything is written: a changed setting would silently mix two runs
-            saved = self._saved_config()
-            changed = [k for section in fixed for k in _changed(saved.get(section), cfg[section], section)]
-            if changed:
-                raise ConfigError(f"--resume: {', '.join(changed)} differs from {self.dir / 'config.yaml'}: resume "
-                                  f'with the settings the run started with, or start a new run (another name)')
-        self.resume_state = self._read_checkpoint() if resume else None   # train() takes it
-        seed_everything(cfg['run']['seed'] + self.rank)   # ranks differ in masking/dropout noise, not in data order
-        self.log(f'run folder {self.dir} | device {self.device} | amp {self.amp or "off"} | processes {self.world}')
-
-    def _check_folder(self):
-        """Refuse a folder this run must not write: not made by tpp, made by another stage, in use by another
-        process, finished, or holding a checkpoint without --resume (none with it)."""
-        marker = self.dir / MARKER
-        if self.dir.exists() and not marker.is_file() and (not self.dir.is_dir() or
-                                                            any(p.name != LOCK for p in self.dir.iterdir())):
-            raise RunFolderError(f'{self.dir} exists and is not a tpp run folder (no {MARKER} in it): tpp never writes '
-                                 f'into it; {self.rename} or another run.out_dir')
-        made_by = marker.read_text().strip() if marker.is_file() else self.stage
-        if made_by != self.stage:
-            raise RunFolderError(f'{self.dir} is a {made_by} run folder and a {self.stage} run never writes into it: '
-                                 f'{self.rename}')
-        if self.main and not self.locked:
-            self._stale_lock()
-        if self.result and (self.dir / self.result).is_file():
-            raise RunFolderError(f'{self.dir} is a finished run ({self.result} written) and runs are never '
-                                 f'overwritten: {self.rename} or delete it')
-        if self.resume and not self.checkpoint.is_file():
-            raise RunFolderError(f'--resume: {self.checkpoint} does not exist (nothing to resume)')
-        if not self.resume and self.checkpoint.is_file():
-            raise RunFolderError(f'{self.dir} exists and runs are never overwritten: pass --resume to continue '
-                                 f'it, {self.rename}, or delete it')
-
-    def _stale_lock(self):
-        """The lock's text when it is stale (its process is gone from this host), None when there is none; a lock
-        of a live process, of another host or unreadable refuses."""
-        try:
-            held = self.lock.read_text().strip()
-        except FileNotFoundError:
-            return None
-        pid, _, host = held.partition(' ')
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-            return held
-        raise RunFolderError(f'{self.dir} is in use by process {pid or "?"} on {host or "?"} (lock {self.lock}): '
-                             f'wait until that run ends, or {self.rename}; if no such process runs, delete the lock')
-
-    def _take_lock(self):
-        """Hold the folder: LOCK made atomically (O_EXCL: of two processes one gets it). A stale one is taken over."""
-        while True:
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                stale = self._stale_lock()
-                if stale:
-                    self.log(f'{self.lock}: stale lock of process {stale} (no such process): taken over')
-                    self.lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, 'w') as f:
-                f.write(f'{os.getpid()} {socket.gethostname()}\n')
-            self.locked = True
-            return
-
-    def _no_resume(self, why):
-        return RunFolderError(f'--resume: {why}. tpp keeps one resume state per run (best.pth is not one): put back '
-                              f'a copy of the folder if you kept one, else start again: {self.rename}, or delete '
-                              f'{self.dir}')
-
-    def _saved_config(self):
-        path = self.dir / 'config.yaml'
-        try:
-            saved = read_yaml(path)
-        except ConfigError as e:   # names the file
-            raise self._no_resume(e) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise self._no_resume(f'{path} cannot be read ({e})') from None
-        if not isinstance(saved, dict):
-            raise self._no_resume(f'{path} is not a config (a mapping of sections)')
-        return saved
-
-    def _read_checkpoint(self):
-        """The resume state, read on the CPU (RNG states stay CPU tensors); a damaged file refuses, naming it."""
-        try:
-            ckpt = torch.load(self.checkpoint, map_location='cpu', weights_only=False)
-        except Exception as e:   # a damaged pickle can raise nearly anything; none of it is resumable
-            raise self._no_resume(f'{self.checkpoint} is damaged (empty, truncated or not a checkpoint: '
-                                  f'{type(e).__name__}: {str(e)[:120]})') from None
-        missing = [k for k in RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(RESUME_KEYS)
-        if missing:
-            raise self._no_resume(f'{self.checkpoint} is not a resume state (no {", ".join(missing)})')
-        return ckpt
-
-    def start(self):
-        """Make (or continue) the run folder, once every check has passed: lock it, then write the marker,
-        config.yaml, TensorBoard and the log so far."""
-        if self.started:
-            return
-        if self.main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._take_lock()
-            self._check_folder()   # again, holding the lock: another process may have finished the run meanwhile
-            if not (self.dir / MARKER).is_file():
-                atomic_write(self.stage + '\n', self.dir / MARKER)
-            atomic_write(yaml.safe_dump(self.cfg, sort_keys=False), self.dir / 'config.yaml')
-            from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 writes
-            start = self.resume_state['step'] if self.resume else 0
-            self.writer = SummaryWriter(self.dir / 'tensorboard', purge_step=start)  # resume drops events after it
-        self.started = True
-        self.log()
-        self.barrier()
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def log(self, msg=None):
-        """Print a line (rank 0); log.txt gets it once the folder exists (no msg: write what is waiting)."""
-        if self.main:
-            if msg is not None:
-                print(msg, flush=True)
-                self._unwritten.append(msg + '\n')
-            if self.started:
-                with open(self.dir / 'log.txt', 'a') as f:
-                    f.writelines(self._unwritten)
-                self._unwritten.clear()
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self):
-        self.barrier()                  # every rank leaves together: rank 0 may still be writing the run's files
-        self._release()
-
-    def _release(self):
-        if self.writer:
-            self.writer.close()
-            self.writer = None
-        if self.locked:
-            self.lock.unlink(missing_ok=True)
-            self.locked = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        """The end of the run: close it; after an error release the folder at once (no waiting for other ranks)."""
-        if kind is None:
-            self.close()
-            return
-        if issubclass(kind, KeyboardInterrupt) and self.started:
-            self.log(f'interrupted: {self.resumed_by} continues the run from {self.checkpoint}'
-                     if self.checkpoint.is_file() else 'interrupted before the first checkpoint: run the same '
-                     'command again to start over')
-        self._release()
-
-
-def _alive(pid):
-    """Whether process `pid` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process
-        pass
-    return True
-
-
-def _changed(saved, now, key):
-    """Dotted keys whose values differ between a saved config section and this one."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [k for sub in {**saved, **now} for k in _changed(saved.get(sub), now.get(sub), f'{key}.{sub}')]
-    return [] if saved == now else [key]
-
-
-def _init_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU. Plain runs skip it all.
-    Returns (rank, world size)."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return dist.get_rank(), world
-
-
-def pick_device(name, local_rank):
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda':
-        name = f'cuda:{local_rank}'
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f'run.device: {name} requested but CUDA is not available (use auto or cpu)')
-    if name.startswith('cuda') and int(name[5:]) >= torch.cuda.device_count():
-        raise ConfigError(f'run.device: {name} requested but there are {torch.cuda.device_count()} CUDA devices '
-                          f'(cuda:0 to cuda:{torch.cuda.device_count() - 1})')
-    device = torch.device(name)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def _pick_amp(amp, device):
-    if amp == 'auto':
-        if device.type != 'cuda':
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if amp == 'fp16' and device.type != 'cuda':
-        raise ConfigError('run.amp: fp16 needs CUDA; on CPU use bf16 or off')
-    return {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]   # config.SCHEMA: one of these
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
+# Data loaders and the ranks of torchrun
 
 def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2 ** 32          # torch seeds each worker from the loader's generator
@@ -410,34 +98,7 @@ def scaled_lr(run, ocfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint behind."""
-    _atomic(path, lambda f: torch.save(obj, f))   # a file object: a full disk is an OSError with its errno
-
-
-def atomic_write(text, path):
-    _atomic(path, lambda f: f.write(text.encode()))
-
-
-def _atomic(path, write):
-    """write(file) into `path` + '.tmp', then rename over `path`. On failure the temporary file is removed and the
-    previous `path` is kept; a full disk is a RunFolderError."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunFolderError(f'{path}: not written, the disk is full ({e.strerror}); the previous {path.name}, '
-                                 f'if any, is kept. Free space, then run the same command again (with --resume if '
-                                 f'the run has a checkpoint.pth)') from None
-        raise
-
+# Checkpoints: what a training run saves of its model
 
 def trainable_state(model, trained):
     """What a training checkpoint needs: the parameters the run trains (`trained`, their names; kept even once
@@ -453,33 +114,12 @@ def load_trainable_state(model, sd, source='checkpoint'):
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}   # shared too
     wrong = sorted(set(missing) - frozen) + sorted(unexpected)
     if wrong:
-        raise RunFolderError(f'{source} does not fit the model (another model, init or PEFT setting): missing or '
-                             f'unexpected {wrong[:6]}')
-
-
-def _rng_state(loader, device):
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-             'loader': loader.generator.get_state()}
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)   # this run's GPU only: each rank saves its own
-    return state
-
-
-def _set_rng_state(state, loader, device):
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    loader.generator.set_state(state['loader'])
-    if device.type == 'cuda':
-        torch.cuda.set_rng_state(state['cuda'], device)
+        raise runs.RunFolderError(f'{source} does not fit the model (another model, init or PEFT setting): missing or '
+                                  f'unexpected {wrong[:6]}')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop (bootstrap, stage 1 and stage 2 all use this one)
-
-def _fmt_time(seconds):
-    return time.strftime('%H:%M:%S', time.gmtime(max(0, seconds)))
-
 
 def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, tag='train', after_step=None,
           frozen_after=None, before_step=None):
@@ -487,52 +127,25 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
     `evaluate(model) -> dict` of floats runs after every epoch, logged and kept in the history: with 'score' (higher
     is better) they are validation metrics and pick `best.pth`, without it training statistics (DINO's);
     `before_step(model)` runs between the backward pass (and clipping) and the optimiser step (DINO's last-layer
-    freeze); `after_step(model)` runs after every optimiser step (DINO's teacher update; what it changes must be a
-    buffer).
+    freeze); `after_step(model)` after every optimiser step (DINO's teacher update; what it changes is a buffer).
     `frozen_after=(n, params)`: these parameters stop training after n optimiser steps (no gradient, no update).
-    `ocfg` is the stage's config section: epochs, lr, weight_decay, warmup_epochs, clip_grad.
-    Saves `checkpoint.pth` every epoch (atomically) and, with --resume, continues from it exactly:
-    parameters, optimiser, grad scaler, schedule step, epoch, RNG states and the TensorBoard step."""
+    `ocfg` is the stage's config section: epochs, lr, weight_decay, warmup_epochs, clip_grad. Saves `checkpoint.pth`
+    every epoch and, with --resume, continues from it exactly (_resume). Returns the steps, best score and history."""
     run.start()                         # every check of the stage has passed: the run folder is made now
-    if frozen_after and run.world > 1:  # DDP waits for the gradient of every parameter it was built with
-        raise ConfigError(f'{tag}: freezing parameters mid-run (decoder_warmup_steps) needs a single process')
+    net = _distributed(run, model, frozen_after, tag)
     peak = scaled_lr(run, ocfg)
     optimizer = build_optimizer(model, peak, ocfg['weight_decay'], betas)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}   # saved even once frozen_after stops them
-    net = model
-    if run.world > 1:
-        # DDP starts every rank from rank 0's parameters and buffers (ranks are seeded differently) and then averages
-        # the gradients of the trainable parameters only: frozen ones are neither reduced nor checked for use. Each
-        # rank's loss is its batch mean, so the average is the global-batch mean (drop_last keeps batches equal).
-        # Every trainable parameter must take part in the loss (no find_unused_parameters: it costs a graph walk).
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == 'cuda'
-                                                        else None)
     epochs, per_epoch = ocfg['epochs'], len(loader)
     total, warmup = epochs * per_epoch, ocfg['warmup_epochs'] * per_epoch
-    epoch0, step, best, history = 0, 0, -math.inf, []
-    if run.resume:
-        ckpt, run.resume_state = run.resume_state, None   # read (and checked) when the run was made; freed here
-        load_trainable_state(model, ckpt['model'], run.checkpoint)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        rng = ckpt['rng'] if isinstance(ckpt['rng'], list) else [ckpt['rng']]   # one state per rank
-        if len(rng) == run.world:
-            _set_rng_state(rng[run.rank], loader, run.device)
-        else:
-            run.log(f'{tag}: checkpoint of {len(rng)} processes resumed with {run.world}: random states not restored')
-        epoch0, step, best, history = ckpt['epoch'] + 1, ckpt['step'], ckpt['best'], ckpt['history']
-        run.log(f'{tag}: resumed from {run.checkpoint} at epoch {epoch0}, step {step}')
-        if run.cfg['run']['workers']:   # persistent workers restart with fresh random states (see docs/runs.md)
-            run.log(f'{tag}: warning: resume is not exact with run.workers > 0 (shuffling and augmentation differ)')
-    log_every = run.cfg['run']['log_every']
+    epoch0, step, best, history = _resume(run, model, optimizer, scaler, loader, tag)
     for epoch in range(epoch0, epochs):
         if hasattr(loader.sampler, 'set_epoch'):
             loader.sampler.set_epoch(epoch)
         model.train()
-        epoch_loss = torch.zeros((), device=run.device)
-        loss_sum, n_loss, n_img, t0 = torch.zeros((), device=run.device), 0, 0, time.time()
+        progress = _Progress(run, tag, epoch, epochs, total)
         for i, batch in enumerate(loader):
             if frozen_after and step >= frozen_after[0]:      # a pure function of the step: exact on resume
                 for p in frozen_after[1]:
@@ -554,50 +167,122 @@ def train(run, model, loader, loss_fn, ocfg, betas=(0.9, 0.999), evaluate=None, 
             optimizer.zero_grad(set_to_none=True)
             if after_step:
                 after_step(model)
-            loss_sum += loss.detach().float()
-            epoch_loss += loss.detach().float()
-            n_loss, n_img, step = n_loss + 1, n_img + len(batch['image']) * run.world, step + 1
-            if step % log_every == 0 or i == per_epoch - 1:   # the only host sync: at logging intervals
-                avg = _mean_over_ranks(run, loss_sum).item() / n_loss
-                if not math.isfinite(avg):
-                    kept = f'the last good checkpoint is kept ({run.checkpoint})' if epoch else 'no checkpoint yet'
-                    raise NonFiniteLossError(
-                        f'{tag}: loss became {avg} in epoch {epoch + 1}, steps {step - n_loss + 1}-{step}; stopped; '
-                        f'{kept}. Lower the lr, clip gradients, or use run.amp=bf16/off')
-                speed = n_img / (time.time() - t0)
-                eta = (total - step) * len(batch['image']) * run.world / speed
-                run.log(f'{tag} epoch {epoch + 1}/{epochs} step {step}/{total} loss {avg:.4f} lr {lr:.2e} '
-                        f'{speed:.0f} img/s eta {_fmt_time(eta)}')
-                if run.writer:
-                    run.writer.add_scalar(f'{tag}/loss', avg, step)
-                    run.writer.add_scalar(f'{tag}/lr', lr, step)
-                    run.writer.add_scalar(f'{tag}/images_per_s', speed, step)
-                loss_sum.zero_()
-                n_loss, n_img, t0 = 0, 0, time.time()
-        if run.world > 1:   # BatchNorm statistics: rank 0's (what its checkpoint saves) on every rank, for evaluation
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
-        metrics = evaluate(model) if evaluate else {}   # the same on every rank: predictions of all ranks gathered
-        train_loss = _mean_over_ranks(run, epoch_loss).item() / per_epoch
-        history.append({'epoch': epoch + 1, 'step': step, 'train_loss': train_loss, **metrics})
-        if metrics:
-            run.log(f'{tag} epoch {epoch + 1} ' + ' '.join(f'{k} {v:.4f}' for k, v in metrics.items()
-                                                            if isinstance(v, float)))
-            for k, v in metrics.items():
-                if run.writer and isinstance(v, float):
-                    run.writer.add_scalar(f"{'val' if 'score' in metrics else tag}/{k}", v, step)
-        score = metrics.get('score', math.nan)
-        score = score if math.isfinite(score) else -math.inf                    # NaN: no score
-        improved = 'score' in metrics and (score > best or epoch == 0)   # epoch 1 always: stage 2 needs a best.pth
-        best = max(best, score)
-        rng = _rng_state(loader, run.device)
-        rng = rng if run.world == 1 else gather(run, [rng])   # every rank's noise
-        if run.main:
-            if improved:
-                atomic_save({'model': trainable_state(model, trained), 'epoch': epoch + 1, 'metrics': metrics},
-                            run.dir / 'best.pth')
-            atomic_save({'model': trainable_state(model, trained), 'optimizer': optimizer.state_dict(),
-                         'scaler': scaler.state_dict(), 'rng': rng, 'epoch': epoch, 'step': step,
-                         'best': best, 'history': history}, run.checkpoint)
-        run.barrier()   # no rank reads best.pth (or resumes) before rank 0 has written it
+            step += 1
+            progress.add(loss, len(batch['image']), step, lr, last=i == per_epoch - 1)
+        metrics = _evaluate(run, model, evaluate, tag, epoch, step)
+        history.append({'epoch': epoch + 1, 'step': step, 'train_loss': progress.epoch_loss(), **metrics})
+        best, improved = _best(best, metrics, epoch)
+        _save(run, model, trained, metrics if improved else None,
+              {'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'rng': run.rng_state(loader),
+               'epoch': epoch, 'step': step, 'best': best, 'history': history})
     return {'steps': step, 'best': best, 'history': history}
+
+
+def _distributed(run, model, frozen_after, tag):
+    """The model the loss runs through: `model` itself, or under torchrun its DistributedDataParallel wrapper. DDP
+    starts every rank from rank 0's parameters and buffers (ranks are seeded differently) and then averages the
+    gradients of the trainable parameters only: frozen ones are neither reduced nor checked for use. Each rank's loss
+    is its batch mean, so the average is the global-batch mean (drop_last keeps batches equal). Every trainable
+    parameter must take part in the loss (no find_unused_parameters: it costs a graph walk)."""
+    if run.world == 1:
+        return model
+    if frozen_after:   # DDP waits for the gradient of every parameter it was built with
+        raise ConfigError(f'{tag}: freezing parameters mid-run (decoder_warmup_steps) needs a single process')
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == 'cuda'
+                                                     else None)
+
+
+def _resume(run, model, optimizer, scaler, loader, tag):
+    """(first epoch, step, best score, history): of a new run, or with --resume of its checkpoint.pth, whose
+    parameters, optimiser, grad scaler and random states are loaded: the run continues exactly (the schedule is a
+    function of the step; TensorBoard drops the events after it, see runs.Run.start)."""
+    ckpt = run.take_resume_state()
+    if ckpt is None:
+        return 0, 0, -math.inf, []
+    load_trainable_state(model, ckpt['model'], run.checkpoint)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    run.restore_rng(ckpt['rng'], loader, tag)
+    run.log(f"{tag}: resumed from {run.checkpoint} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    if run.cfg['run']['workers']:   # persistent workers restart with fresh random states (see docs/runs.md)
+        run.log(f'{tag}: warning: resume is not exact with run.workers > 0 (shuffling and augmentation differ)')
+    return ckpt['epoch'] + 1, ckpt['step'], ckpt['best'], ckpt['history']
+
+
+class _Progress:
+    """One epoch's losses: a progress line every run.log_every steps and at the epoch's end (mean loss, lr, images/s,
+    time left; TensorBoard too), the loop's only host sync. A non-finite mean stops the run: NonFiniteLossError."""
+
+    def __init__(self, run, tag, epoch, epochs, total):
+        self.run, self.tag, self.epoch, self.epochs, self.total = run, tag, epoch, epochs, total
+        self.sum, self.epoch_sum = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+        self.n, self.n_epoch, self.images, self.t0 = 0, 0, 0, time.time()
+
+    def add(self, loss, batch_size, step, lr, last):
+        run = self.run
+        self.sum += loss.detach().float()
+        self.epoch_sum += loss.detach().float()
+        self.n, self.n_epoch, self.images = self.n + 1, self.n_epoch + 1, self.images + batch_size * run.world
+        if step % run.cfg['run']['log_every'] and not last:
+            return
+        avg = _mean_over_ranks(run, self.sum).item() / self.n
+        if not math.isfinite(avg):
+            kept = f'the last good checkpoint is kept ({run.checkpoint})' if self.epoch else 'no checkpoint yet'
+            raise NonFiniteLossError(
+                f'{self.tag}: loss became {avg} in epoch {self.epoch + 1}, steps {step - self.n + 1}-{step}; '
+                f'stopped; {kept}. Lower the lr, clip gradients, or use run.amp=bf16/off')
+        speed = self.images / (time.time() - self.t0)
+        eta = (self.total - step) * batch_size * run.world / speed
+        run.log(f'{self.tag} epoch {self.epoch + 1}/{self.epochs} step {step}/{self.total} loss {avg:.4f} lr {lr:.2e} '
+                f"{speed:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(max(0, eta)))}")
+        if run.writer:
+            for name, value in (('loss', avg), ('lr', lr), ('images_per_s', speed)):
+                run.writer.add_scalar(f'{self.tag}/{name}', value, step)
+        self.sum.zero_()
+        self.n, self.images, self.t0 = 0, 0, time.time()
+
+    def epoch_loss(self):
+        """The epoch's mean loss over all ranks."""
+        return _mean_over_ranks(self.run, self.epoch_sum).item() / self.n_epoch
+
+
+def _evaluate(run, model, evaluate, tag, epoch, step):
+    """The epoch's evaluate(model) ({} without), the same on every rank (predictions of all ranks gathered); its
+    floats are logged, and written to TensorBoard (under val/ when they hold a 'score')."""
+    if run.world > 1:   # BatchNorm statistics: rank 0's (what its checkpoint saves) on every rank, for evaluation
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    metrics = evaluate(model) if evaluate else {}
+    if metrics:
+        floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        run.log(f'{tag} epoch {epoch + 1} ' + ' '.join(f'{k} {v:.4f}' for k, v in floats.items()))
+        for k, v in floats.items() if run.writer else ():
+            run.writer.add_scalar(f"{'val' if 'score' in metrics else tag}/{k}", v, step)
+    return metrics
+
+
+def _best(best, metrics, epoch):
+    """(best score so far, whether this epoch is the new best): metrics with a 'score' only, a NaN score never beats
+    another; epoch 1 always is one (stage 2 needs a best.pth)."""
+    score = metrics.get('score', math.nan)
+    score = score if math.isfinite(score) else -math.inf
+    return max(best, score), 'score' in metrics and (score > best or epoch == 0)
+
+
+def _save(run, model, trained, best_metrics, state):
+    """Rank 0 saves the epoch: best.pth (the model and `best_metrics`, unless None) and checkpoint.pth (the model and
+    the resume `state`), each atomically; no rank goes on (to read best.pth, or to resume) before they are written."""
+    if run.main:
+        if best_metrics is not None:
+            runs.atomic_save({'model': trainable_state(model, trained), 'epoch': state['epoch'] + 1,
+                              'metrics': best_metrics}, run.dir / 'best.pth')
+        runs.atomic_save({'model': trainable_state(model, trained), **state}, run.checkpoint)
+    run.barrier()
+
+
+def train_mae(run, mae, dataset, ocfg, tag, frozen_after=None):
+    """MAE training of whatever in `mae` requires grad (the whole MAE in stage 0, the targets in stage 1), with the
+    config section `ocfg` (its mask_ratio included); `frozen_after` as in train."""
+    loader = make_loader(run, dataset, ocfg['batch_size'], train=True)
+    loss_fn = lambda model, batch: model(batch['image'], ocfg['mask_ratio'])[0]   # (loss, pred, mask): no labels
+    return train(run, mae, loader, loss_fn, ocfg, betas=(0.9, 0.95), tag=tag, frozen_after=frozen_after)  # MAE's betas

@@ -1,12 +1,8 @@
-"""Stage 1 of TPP: pre-train the PEFT target parameters with a self-supervised pretext (pretrain.pretext: mae | dino).
+"""Stage 1 of TPP: pre-train the PEFT target parameters with a self-supervised pretext (pretrain.pretext: mae | dino)
+on the downstream training images, the backbone frozen, and save only the targets for stage 2:
+<run.out_dir>/<pretrain.name>/targets.pth. main reads as the method's steps (the `# --- TPP:` lines).
 
     python pretrain_targets.py --config config.yaml [--set key=value ...] [--resume]
-
-1. build the pretext model (the pre-trained backbone plus the MAE decoder or the DINO head) and load the backbone
-2. insert the targets (LoRA / adapters / prompt tokens) into the encoder blocks
-3. freeze the backbone explicitly: only the targets and the pretext head (the decoder if pretrain.train_decoder) train
-4. train them with the pretext loss on the downstream training images; labels are never read
-5. save only the targets, with what they were pre-trained for: <run.out_dir>/<pretrain.name>/targets.pth
 
 With no backbone.checkpoint configured, the embedded default backbone is made first (once, cached; see
 pretrain_backbone.py): the same MAE training with every parameter trainable, on upstream images.
@@ -22,7 +18,9 @@ import data
 import engine
 import lora
 import models
-from pretrain_backbone import load_checkpoint, resolve, train_mae
+import runs
+from checkpoints import load_checkpoint
+from pretrain_backbone import resolve
 
 
 def trainable_decoder(model):
@@ -30,13 +28,11 @@ def trainable_decoder(model):
     return [p for n, p in model.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
 
 
-def insert_targets(model, cfg):
-    """Insert the targets into the encoder and freeze everything else explicitly: only the targets and the pretext
-    head (the DINO head; the MAE decoder with pretrain.train_decoder) train. Returns lora.mark_trainable's counts."""
+def freeze_backbone(model, cfg):
+    """Freeze everything explicitly but the targets and the pretext head (the DINO head; the MAE decoder with
+    pretrain.train_decoder), which train. Returns lora.mark_trainable's counts."""
     if isinstance(model, models.TaskModel):
-        lora.inject(model.backbone, cfg['peft'])
         return lora.mark_trainable(model, extra=model.head.parameters())
-    lora.inject(model, cfg['peft'])
     return lora.mark_trainable(model, extra=trainable_decoder(model) if cfg['pretrain']['train_decoder'] else ())
 
 
@@ -138,9 +134,10 @@ def multi_crop(images, dcfg, d, img_size):
                     for _ in range(d['local_crops'])]
 
 
-def train_dino(run, student, dataset, cfg):
+def pretrain_dino(run, student, dataset, cfg):
     """DINO training of the student's targets and head on multi-crop views of each training image. Returns
-    engine.train's result (its history holds SelfDistillation.epoch_stats) and the targets dino.save names."""
+    engine.train's result (its history holds SelfDistillation.epoch_stats), the targets dino.save names (the
+    teacher's, which DINO evaluates, or the student's) and the pretext's settings for targets.pth."""
     d = cfg['dino']
     loader = engine.make_loader(run, dataset, cfg['pretrain']['batch_size'], train=True)
     dino = SelfDistillation(student, d, len(loader), cfg['pretrain']['epochs']).to(run.device)
@@ -149,7 +146,22 @@ def train_dino(run, student, dataset, cfg):
     result = engine.train(run, dino, loader, loss_fn, cfg['pretrain'], tag='pretrain',
                           evaluate=SelfDistillation.epoch_stats, before_step=SelfDistillation.freeze_last_layer,
                           after_step=SelfDistillation.update_teacher)
-    return result, dino.target_state_dict(d['save'])
+    return result, dino.target_state_dict(d['save']), {'name': 'dino', **d}
+
+
+def pretrain_mae(run, mae, dataset, cfg):
+    """MAE training of the targets (and of the decoder with pretrain.train_decoder, for its first
+    pretrain.decoder_warmup_steps steps only when set), then rank 0's reconstructions.png. Returns engine.train's
+    result, the targets and the pretext's settings for targets.pth."""
+    pcfg, warm = cfg['pretrain'], cfg['pretrain']['decoder_warmup_steps']
+    result = engine.train_mae(run, mae, dataset, pcfg, 'pretrain', (warm, trainable_decoder(mae)) if warm else None)
+    if run.main:
+        grid = data.SliceDataset(dataset.cases, dataset.dcfg, dataset.size, dataset.in_chans, task=None, train=False)
+        images = torch.stack([grid[i]['image'] for i in range(min(pcfg['grid_images'], len(grid)))])
+        save_reconstructions(run, mae, images.to(run.device), pcfg['mask_ratio'], cfg['data'])
+    return result, lora.target_state_dict(mae), {
+        'name': 'mae', 'mask_ratio': pcfg['mask_ratio'], 'norm_pix_loss': cfg['mae']['norm_pix_loss'],
+        'train_decoder': pcfg['train_decoder'], 'decoder_warmup_steps': warm}
 
 
 @torch.no_grad()
@@ -174,70 +186,61 @@ def save_reconstructions(run, mae, images, mask_ratio, dcfg):
     run.writer.add_image('pretrain/masked_recon_original', grid, 0)
 
 
+def check(cfg):
+    """Every check of stage 1, before anything is written and before stage 0 (which can take minutes): the folders,
+    device and AMP, the targets' layers, the segmentation decoder stage 2 will put on this backbone, the data.
+    Returns data.prepare's (cases, info)."""
+    runs.preflight(cfg)
+    lora.check_layers(cfg)
+    if cfg['finetune']['task'] == 'segmentation':   # its patch size and depth rules, on the meta device (no memory)
+        with torch.device('meta'):
+            models.build_head(cfg, num_classes=2)
+    return data.prepare(cfg['data'], cfg['run']['cache_dir'], in_chans=cfg['model']['in_chans'])
+
+
 def main(args):
     cfg = config.load_config(args.config, args.set, stage=1)
-    pcfg, dcfg = cfg['pretrain'], cfg['data']
-    dino = pcfg['pretext'] == 'dino'
-    engine.preflight(cfg)
-    models.build_head(cfg, num_classes=2)                        # stage 2's head must fit this backbone too
-    lora.check_layers(cfg)
-    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], in_chans=cfg['model']['in_chans'])  # checked first:
-    cfg['model']['in_chans'] = info['in_chans']                  # stage 0 can take minutes; the model follows the data
+    pcfg, dcfg, dino = cfg['pretrain'], cfg['data'], cfg['pretrain']['pretext'] == 'dino'
+    cases, info = check(cfg)
+    cfg['model']['in_chans'] = info['in_chans']                  # the model follows the data
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
-    # the run folder is made when training starts
-    with engine.Run(cfg, pcfg['name'], args.resume, result='targets.pth', stage='pretrain') as run:
-        run.log(f"data.intensity {info['intensity']}")
-        run.log(f"model.in_chans {info['channels']}")
-        for line in data.warning_lines(info['warnings']):
+    with runs.Run(cfg, pcfg['name'], args.resume, result='targets.pth', stage='pretrain') as run:
+        for line in (f"data.intensity {info['intensity']}", f"model.in_chans {info['channels']}",
+                     *data.warning_lines(info['warnings'])):
             run.log(line)
         train_cases = data.split_cases(cases, dcfg)['train']        # every training case; validation/test stay unseen
         arch = models.vit_kwargs(cfg['model'])
-        size, chans = arch['img_size'], arch['in_chans']
-        dataset = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=True)
-
+        dataset = data.SliceDataset(train_cases, dcfg, arch['img_size'], arch['in_chans'], task=None, train=True)
         model = (models.build_dino(cfg) if dino else models.build_mae(cfg)).to(run.device)
         encoder = model.backbone if dino else model                  # the ViT that takes the targets
-        need_decoder = not (dino or pcfg['train_decoder'])           # a frozen decoder must come with the backbone
-        run.log(load_checkpoint(encoder, backbone_path, need_decoder=need_decoder))
+        run.log(load_checkpoint(encoder, backbone_path,   # a frozen decoder must come with the backbone
+                                need_decoder=not (dino or pcfg['train_decoder'])))
         fingerprint = lora.backbone_fingerprint(encoder)             # identifies the backbone the targets belong to
 
-        # --- TPP: insert the targets into the encoder and freeze everything else explicitly
-        counts = insert_targets(model, cfg)
+        # --- TPP: insert the targets (LoRA / adapters / prompt tokens) into the encoder blocks
+        lora.inject(encoder, cfg['peft'])
+        # --- TPP: freeze the backbone explicitly: only the targets and the pretext head train
+        counts = freeze_backbone(model, cfg)
         head = ' + DINO head' if dino else ' + decoder' if pcfg['train_decoder'] else ''
         run.log(f"parameters: total {counts['total']:,} | targets {counts['targets']:,} "
                 f"({counts['targets_pct']:.2f}%) | trainable {counts['trainable']:,} (targets{head}) | "
                 f"pretext {pcfg['pretext']} | {len(dataset)} training slices from {len(train_cases)} cases")
-
-        # --- TPP: the pretext task on the downstream images
-        warm = pcfg['decoder_warmup_steps']          # the decoder trains for these steps, then only the targets adapt
-        warm = (warm, trainable_decoder(model)) if warm else None
-        if dino:   # the teacher's targets (DINO evaluates the teacher) or the student's: dino.save
-            result, targets = train_dino(run, model, dataset, cfg)
-        else:
-            result, targets = train_mae(run, model, dataset, pcfg, 'pretrain', warm), lora.target_state_dict(encoder)
-        pretext = {'name': 'dino', **cfg['dino']} if dino else {'name': 'mae', 'mask_ratio': pcfg['mask_ratio'],
-                   'norm_pix_loss': cfg['mae']['norm_pix_loss'], 'train_decoder': pcfg['train_decoder'],
-                   'decoder_warmup_steps': pcfg['decoder_warmup_steps']}
-
-        # --- TPP: save only the targets, with what they were pre-trained for (stage 2 checks it)
+        # --- TPP: pretext training of the targets on the downstream training images (labels are never read)
+        result, targets, pretext = (pretrain_dino if dino else pretrain_mae)(run, model, dataset, cfg)
+        # --- TPP: keep only the targets, with what they were pre-trained for; stage 2 loads them and checks it
         meta = {'arch': arch, 'peft': lora.structure(encoder), 'backbone': fingerprint,
                 'backbone_checkpoint': str(backbone_path), 'steps': result['steps'],
                 'final_loss': result['history'][-1]['train_loss'],
                 'pretext': {**pretext, 'epochs': pcfg['epochs'], 'data': dcfg['layout']},
                 'data': data.describe(info, train_cases)}   # stage 2 warns when it fine-tunes on other data
-        targets_path = run.dir / 'targets.pth'
-        if run.main:
-            if not dino:
-                grid = data.SliceDataset(train_cases, dcfg, size, chans, task=None, train=False)
-                images = torch.stack([grid[i]['image'] for i in range(min(pcfg['grid_images'], len(grid)))])
-                save_reconstructions(run, model, images.to(run.device), pcfg['mask_ratio'], dcfg)
-            # last: targets.pth marks the run finished (a failure before it leaves a run that --resume completes)
-            engine.atomic_save({'targets': targets, 'meta': meta}, targets_path)
-            run.log(f'targets: {targets_path} ({targets_path.stat().st_size / 2 ** 20:.2f} MiB; backbone '
+        path = run.dir / 'targets.pth'
+        if run.main:   # last: targets.pth marks the run finished (a failure before it leaves a run --resume completes)
+            runs.atomic_save({'targets': targets, 'meta': meta}, path)
+            run.log(f'targets: {path} ({path.stat().st_size / 2 ** 20:.2f} MiB; backbone '
                     f'{backbone_path.stat().st_size / 2 ** 20:.1f} MiB) | TensorBoard'
                     f'{"" if dino else " and reconstructions.png"}: {run.dir}')
-    return targets_path
+    return path
 
 
 if __name__ == '__main__':
-    engine.cli(main, __doc__)
+    runs.cli(main, __doc__)

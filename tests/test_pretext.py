@@ -21,7 +21,8 @@ def tiny_dino(tmp_path, cache, *overrides, steps_per_epoch=4, epochs=2):
     cfg = config.load_config(tiny_config(tmp_path, cache), ['pretrain.pretext=dino', *overrides])
     torch.manual_seed(0)
     student = models.build_dino(cfg)
-    pretrain_targets.insert_targets(student, cfg)
+    lora.inject(student.backbone, cfg['peft'])
+    pretrain_targets.freeze_backbone(student, cfg)
     return cfg, pretrain_targets.SelfDistillation(student, cfg['dino'], steps_per_epoch, epochs)
 
 

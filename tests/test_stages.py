@@ -1,6 +1,8 @@
 """Both stages end to end on a tiny config: the backbone never changes in stage 1, the targets file holds only the
 targets, stage 2 loads them and learns, and an interrupted run resumes exactly."""
+import ast
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -292,3 +294,15 @@ def test_the_shipped_backbone_is_the_default_configs_and_has_learned_to_reconstr
             losses[name], pred, mask = model(x, 0.75)
         mean_guess = mae.forward_loss(x, torch.zeros_like(pred), mask)
     assert losses['trained'] < 0.95 * mean_guess < 0.95 * losses['untrained'], (losses, mean_guess)
+
+
+def test_stage_scripts_take_from_each_other_only_stage0s_resolve():
+    """What stage 1 and stage 2 share (checkpoint loading, MAE training, run plumbing) lives in shared modules; the
+    one crossing is pretrain_backbone.resolve, which runs stage 0 when no backbone exists."""
+    stages = ('pretrain_backbone', 'pretrain_targets', 'finetune')
+    for script in ('pretrain_targets.py', 'finetune.py'):
+        tree = ast.parse((Path(__file__).parents[1] / script).read_text())
+        taken = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        taken |= {(n.value.id, n.attr) for n in ast.walk(tree)
+                  if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+        assert {(module, name) for module, name in taken if module in stages} == {('pretrain_backbone', 'resolve')}

@@ -60,6 +60,7 @@ import finetune  # noqa: E402
 import lora  # noqa: E402
 import models  # noqa: E402
 import pretrain_targets  # noqa: E402
+import runs  # noqa: E402
 
 _224 = ['model.img_size=224', 'model.patch_size=16', 'model.in_chans=3', 'model.depth=null']
 PRESETS = {  # name: (config overrides, batch size, timed steps, warm-up steps)
@@ -122,10 +123,11 @@ def build_mae(cfg, trains, reference):
     if trains == 'all':  # all but the fixed position embeddings
         lora.mark_trainable(mae, extra=[p for p in mae.parameters() if p.requires_grad])
     elif not reference:
-        pretrain_targets.insert_targets(mae, {**cfg, 'peft': targets_cfg(cfg['peft'], trains)})
-    else:  # peft's LoRA, and the same decoder parameters as insert_targets
+        lora.inject(mae, targets_cfg(cfg['peft'], trains))
+        pretrain_targets.freeze_backbone(mae, cfg)
+    else:  # peft's LoRA, and the same decoder parameters as pretrain_targets.freeze_backbone
         from peft import inject_adapter_in_model
-        decoder = [p for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad]
+        decoder = pretrain_targets.trainable_decoder(mae)
         inject_adapter_in_model(peft_lora(cfg['peft']), mae)
         for name, p in mae.named_parameters():
             p.requires_grad = 'lora_' in name
@@ -207,7 +209,7 @@ def infer_rows(spec, device, autocast):
     unmerged = copy.deepcopy(plain)
     lora.inject(unmerged.backbone, cfg['peft'])
     for _, p in lora.target_parameters(unmerged):
-        nn.init.normal_(p, std=0.02)  # trained-looking targets (B no longer zero)
+        nn.init.normal_(p, std=0.02)  # trained-looking targets: B nonzero, so LoRA changes the output
     merged = copy.deepcopy(unmerged)
     lora.merge(merged)
     images = random_batch(cfg, spec['batch'], None, None, device)['image']
@@ -300,7 +302,7 @@ def _child(spec, conn):
         count_cpu_attention_flops()
         torch.set_num_threads(spec['threads'])
         torch.manual_seed(0)
-        device = engine.pick_device(spec['cfg']['run']['device'], 0)
+        device = runs.pick_device(spec['cfg']['run']['device'], 0)
         if spec['row'] == 'matmul':
             return conn.send(matmul_peak(spec, device))
         amp = spec['precision'] == 'bf16'
@@ -341,7 +343,7 @@ def run_child(ctx, spec):
 def bench_preset(ctx, args, name):
     overrides, batch, steps, warmup = PRESETS[name]
     cfg = config.load_config(args.config, overrides + args.set)
-    device = engine.pick_device(cfg['run']['device'], 0)
+    device = runs.pick_device(cfg['run']['device'], 0)
     info = data.prepare(cfg['data'], cfg['run']['cache_dir'])[1]
     bf16 = args.bf16 == 'on' or args.bf16 == 'auto' and bf16_supported(device)
     spec = {'cfg': cfg, 'batch': args.batch or batch, 'steps': args.steps or steps, 'warmup': args.warmup or warmup,
@@ -490,11 +492,12 @@ def main(argv=None):
     found = versions()
     args.missing = [name for name, version in found.items() if version is None]
     # Rows run in processes forked from a server that has imported these (fast to start, nothing computed yet).
-    # timm and peft are imported by the reference rows themselves: imported in the server, timm left the forked
+    # timm and peft are imported by the reference rows themselves: imported in the server, timm leaves the forked
     # processes' OpenMP pool at one thread.
     ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
-    ctx.set_forkserver_preload(['__main__' if __name__ == '__main__' else __name__, 'torch', 'data', 'engine', 'lora',
-                                'models', 'finetune', 'pretrain_targets', 'pretrain_backbone', 'synthetic'])
+    ctx.set_forkserver_preload(['__main__' if __name__ == '__main__' else __name__, 'torch', 'data', 'engine', 'runs',
+                                'lora', 'models', 'finetune', 'pretrain_targets', 'pretrain_backbone', 'checkpoints',
+                                'synthetic'])
     report = {'machine': {'cpu': cpu_name(), 'python': platform.python_version(), 'torch': torch.__version__,
                           'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                           'threads': args.threads, **found},
@@ -516,4 +519,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    engine.exit_on_user_error(main)
+    runs.exit_on_user_error(main)
