@@ -3,7 +3,7 @@
 `load_config` reads the reference config.yaml (it documents, and gives a default for, every key), then the user's
 file, then each --set KEY=VALUE, and checks every value against SCHEMA (its type and range) and the rules between
 keys before anything else runs. Every error a user causes (a config value, a data file, a checkpoint, a run folder)
-is a `UserError`: the entry points print its message as one `error: ...` line and exit with status 2 (engine.cli);
+is a `UserError`: the entry points print its message as one `error: ...` line and exit with status 2 (runs.cli);
 any other exception is a bug and keeps its traceback.
 """
 import copy

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import config
 import data
 import engine
@@ -27,6 +28,7 @@ import lora
 import models
 import predictions
 import pretrain_backbone
+import runs
 
 
 def seg_loss(logits, mask):
@@ -52,7 +54,7 @@ def build_model(cfg, run, backbone_path, num_classes, init, source):
     fine-tuned on (data.describe of the training split), compared with the data the targets were pre-trained on.
     Returns (model, parameter counts, the stage-1 targets loaded or None)."""
     backbone = models.build_backbone(cfg)
-    run.log(pretrain_backbone.load_checkpoint(backbone, backbone_path))
+    run.log(checkpoints.load_checkpoint(backbone, backbone_path))
     fingerprint = lora.backbone_fingerprint(backbone)
     stage1 = None
     if init in config.TARGET_INITS:
@@ -106,8 +108,8 @@ def save_inference_model(run, model, cfg, num_classes):
     backbone weights and the LoRA factors dropped, so it loads into a plain ViT (adapters, if any, stay)."""
     merged = cfg['finetune']['merge_lora'] and any(isinstance(m, lora.LoRALinear) for m in model.modules())
     sd = lora.merged_state_dict(model) if merged else model.state_dict()
-    engine.atomic_save({'model': sd, 'arch': model.backbone.arch, 'task': cfg['finetune']['task'],
-                        'num_classes': num_classes, 'lora_merged': merged, 'config': cfg}, run.dir / 'model.pth')
+    runs.atomic_save({'model': sd, 'arch': model.backbone.arch, 'task': cfg['finetune']['task'],
+                      'num_classes': num_classes, 'lora_merged': merged, 'config': cfg}, run.dir / 'model.pth')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def log_data(run, d, dcfg, task):
 def report(run, metrics, d, saved_predictions, steps):
     """Write metrics.json (last: it marks the run finished, so a failure before it leaves a run that --resume
     completes), the test scores to TensorBoard, and the log's result lines."""
-    engine.atomic_write(json.dumps(metrics, indent=1), run.dir / 'metrics.json')
+    runs.atomic_write(json.dumps(metrics, indent=1), run.dir / 'metrics.json')
     for split in ('test', 'external'):
         for k, v in metrics.get(split, {}).items():
             run.writer.add_scalar(f'{split}/{k}', v, steps)
@@ -189,7 +191,7 @@ def main(args):
     fcfg, dcfg = cfg['finetune'], cfg['data']
     task, init = fcfg['task'], fcfg['init']
     # 1. Check everything before anything is written: config, model shapes, the data, the targets file
-    engine.preflight(cfg)
+    runs.preflight(cfg)
     models.build_head(cfg, num_classes=2)                          # the model's shape rules (depth, patch size)
     if init in config.TARGET_INITS:
         lora.check_layers(cfg)
@@ -199,8 +201,8 @@ def main(args):
         raise config.ConfigError(f'finetune.targets: {targets_path(cfg)} does not exist: run pretrain_targets.py '
                                  f'first (or set finetune.init=random for plain PEFT)')
     backbone_path = pretrain_backbone.resolve(cfg)                  # stage 0 (once) before the run folder exists
-    with engine.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json',
-                    stage='finetune') as run:
+    with runs.Run(cfg, fcfg['name'] or f'finetune-{task}-{init}', args.resume, result='metrics.json',
+                  stage='finetune') as run:
         start = time.time()
         log_data(run, d, dcfg, task)
         # 2. --- TPP: the backbone, the targets (pre-trained ones for tpp) and the task head
@@ -233,4 +235,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    engine.cli(main, __doc__)
+    runs.cli(main, __doc__)

@@ -375,7 +375,7 @@ class TargetMismatchError(UserError, ValueError):
 
 
 # What torch.load raises for an empty, truncated or non-PyTorch file (the targets file here, backbone checkpoints in
-# pretrain_backbone.py): caught to name the file instead of a traceback from deep inside the unpickler.
+# checkpoints.py): caught to name the file instead of a traceback from deep inside the unpickler.
 UNREADABLE_FILE_ERRORS = (EOFError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError, IsADirectoryError)
 
 

@@ -5,7 +5,7 @@
 - `MaskedAutoencoder`: the same encoder plus the official MAE decoder, masking and loss; `DINOHead`: DINO's head.
 - `ClassificationHead`, `SegmentationHead` (UNETR-style, convolutions only) and `TaskModel` (backbone + head).
 - Builders from the config's `model:`, `mae:` and `finetune:` sections (real checkpoints load through
-  pretrain_backbone.load_checkpoint).
+  checkpoints.load_checkpoint).
 
 Shapes: B batch, C image channels, H = W image side, p patch side, g = H / p patches per side, L = g * g patches,
 D embedding width, K classes.

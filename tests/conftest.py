@@ -56,8 +56,8 @@ def cache(tmp_path_factory):
 def crash_after_checkpoint(monkeypatch):
     """`with crash_after_checkpoint(): stage()` runs the stage until it has written its first checkpoint.pth, then
     stops it as a crash would (KeyboardInterrupt, which the block expects); after the block saving is normal again."""
-    import engine
-    save = engine.atomic_save
+    import runs
+    save = runs.atomic_save
 
     def crash(obj, path):
         save(obj, path)
@@ -66,8 +66,8 @@ def crash_after_checkpoint(monkeypatch):
 
     @contextlib.contextmanager
     def crashing():
-        monkeypatch.setattr(engine, 'atomic_save', crash)
+        monkeypatch.setattr(runs, 'atomic_save', crash)
         with pytest.raises(KeyboardInterrupt):
             yield
-        monkeypatch.setattr(engine, 'atomic_save', save)
+        monkeypatch.setattr(runs, 'atomic_save', save)
     return crashing

@@ -10,10 +10,10 @@ import torch
 import yaml
 from PIL import Image
 
+import checkpoints
 import data
 import finetune
 import models
-import pretrain_backbone
 import pretrain_targets
 from conftest import args, tiny_config
 from data import DataError
@@ -153,7 +153,7 @@ def test_three_channel_checkpoint_loads_into_any_channel_count(tmp_path, chans):
     rgb = models.build_mae(cfg).eval()
     torch.save({'model': rgb.state_dict()}, tmp_path / 'mae_rgb.pth')
     model = models.build_mae({**cfg, 'model': {**cfg['model'], 'in_chans': chans}}).eval()
-    report = pretrain_backbone.load_checkpoint(model, tmp_path / 'mae_rgb.pth')
+    report = checkpoints.load_checkpoint(model, tmp_path / 'mae_rgb.pth')
     assert f'patch_embed.proj.weight 3->{chans} channels' in report and f'decoder_pred.weight 3->{chans}' in report
     grey = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(model.patch_embed(grey.repeat(1, chans, 1, 1)), rgb.patch_embed(grey.repeat(1, 3, 1, 1)))

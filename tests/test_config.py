@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 import config
-import engine
 import finetune
 import models
 import pretrain_backbone
 import pretrain_targets
+import runs
 from conftest import args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +225,6 @@ def test_unwritable_folders_are_refused_before_stage0(tmp_path, cache, monkeypat
 
 
 def test_check_writable_accepts_folders_to_be_made(tmp_path):
-    engine.check_writable(tmp_path / 'a' / 'b', 'run.out_dir')
-    engine.check_writable(tmp_path, 'run.out_dir')
+    runs.check_writable(tmp_path / 'a' / 'b', 'run.out_dir')
+    runs.check_writable(tmp_path, 'run.out_dir')
     assert not (tmp_path / 'a').exists()

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import engine
 import finetune
 import lora
 import pretrain_targets
+import runs
 from conftest import args, tiny_config
 from test_lora import images, peft, train_steps, vit
 
@@ -49,18 +49,18 @@ def test_kill_and_resume_on_cuda(tmp_path, cache, crash_after_checkpoint):
 def test_cuda_random_state_of_the_runs_own_device_round_trips():
     device = torch.device('cuda', torch.cuda.current_device())
     loader = SimpleNamespace(generator=torch.Generator())
-    state = engine._rng_state(loader, device)
+    state = runs._rng_state(loader, device)
     assert state['cuda'].device.type == 'cpu'
     expected = torch.rand(4, device=device)
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    engine._set_rng_state(torch.load(buf, map_location='cpu', weights_only=False), loader, device)
+    runs._set_rng_state(torch.load(buf, map_location='cpu', weights_only=False), loader, device)
     assert torch.equal(torch.rand(4, device=device), expected)
 
 
 def test_merged_lora_equals_unmerged_on_cuda(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)   # engine.pick_device turns TF32 on
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)   # runs.pick_device turns TF32 on
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     model = vit()
     lora.inject(model, peft(layers=('qkv', 'proj', 'fc1', 'fc2'), qv_only=True))

@@ -8,6 +8,7 @@ import torch
 
 import config
 import engine
+import runs
 
 
 def test_lr_warmup_then_cosine():
@@ -20,14 +21,14 @@ def test_lr_warmup_then_cosine():
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt.pth'
-    engine.atomic_save({'a': 1}, path)
+    runs.atomic_save({'a': 1}, path)
 
     def crash(obj, f):
         f.write(b'half')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
-        engine.atomic_save({'a': 2}, path)
+        runs.atomic_save({'a': 2}, path)
     assert torch.load(path) == {'a': 1}                              # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ['ckpt.pth']      # and the half-written one is gone
 
@@ -35,7 +36,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 def tiny_run(tmp_path, name='run', resume=False, **run):
     cfg = config.load_config(config.REFERENCE_CONFIG, [f'run.out_dir={tmp_path}', 'run.log_every=1'] +
                              [f'run.{k}={v}' for k, v in run.items()])
-    return engine.Run(cfg, name, resume)
+    return runs.Run(cfg, name, resume)
 
 
 def test_run_folder_is_made_when_training_starts_and_never_overwritten(tmp_path):
@@ -46,14 +47,14 @@ def test_run_folder_is_made_when_training_starts_and_never_overwritten(tmp_path)
     run.close()
     tiny_run(tmp_path).close()                 # no checkpoint yet (stopped before its first epoch ended): reused
     (run.dir / 'checkpoint.pth').write_bytes(b'')
-    with pytest.raises(engine.RunFolderError, match='never overwritten.*--resume'):
+    with pytest.raises(runs.RunFolderError, match='never overwritten.*--resume'):
         tiny_run(tmp_path)
-    with pytest.raises(engine.RunFolderError, match="nothing to resume"):
+    with pytest.raises(runs.RunFolderError, match="nothing to resume"):
         tiny_run(tmp_path, name='other', resume=True)
     (run.dir / 'targets.pth').write_bytes(b'')                       # the file a finished run writes last
     for resume in (False, True):
-        with pytest.raises(engine.RunFolderError, match='finished'):
-            engine.Run(run.cfg, 'run', resume, result='targets.pth')
+        with pytest.raises(runs.RunFolderError, match='finished'):
+            runs.Run(run.cfg, 'run', resume, result='targets.pth')
 
 
 def test_resume_refuses_changed_settings_before_writing_anything(tmp_path):
@@ -65,7 +66,7 @@ def test_resume_refuses_changed_settings_before_writing_anything(tmp_path):
     for key, value in [('peft.lora.r', 4), ('data.layout', 'synthetic_us'), ('model.depth', 3), ('backbone.checkpoint', 'x')]:
         cfg = config.load_config(config.REFERENCE_CONFIG, [f'run.out_dir={tmp_path}', f'{key}={value}'])
         with pytest.raises(config.ConfigError, match=rf'--resume: {key} differs'):
-            engine.Run(cfg, 'run', resume=True)
+            runs.Run(cfg, 'run', resume=True)
     assert (run.dir / 'config.yaml').read_bytes() == saved
 
 
@@ -135,7 +136,7 @@ def test_resume_reads_the_checkpoint_on_the_cpu_and_restores_the_random_states(t
 
 def test_amp_auto_uses_fp16_where_bf16_is_only_emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
-    assert engine._pick_amp('auto', torch.device('cuda', 0)) == torch.float16       # a V100 / T4
+    assert runs._pick_amp('auto', torch.device('cuda', 0)) == torch.float16       # a V100 / T4
 
 
 class _RandomItems(torch.utils.data.Dataset):

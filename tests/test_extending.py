@@ -12,6 +12,7 @@ import data
 import engine
 import lora
 import models
+import runs
 from conftest import tiny_config
 
 
@@ -59,7 +60,7 @@ def test_a_new_pretext_trains_only_the_targets_and_its_head(tmp_path, cache):
     cases, info = data.prepare(cfg['data'], cache, in_chans=cfg['model']['in_chans'])
     cfg['model']['in_chans'] = info['in_chans']
     dataset = data.SliceDataset(data.split_cases(cases, cfg['data'])['train'], cfg['data'], 32, 1, None, train=True)
-    run = engine.Run(cfg, 'toy-pretext')                              # seeds the run
+    run = runs.Run(cfg, 'toy-pretext')                              # seeds the run
     backbone = models.build_backbone(cfg)
     model = models.TaskModel(backbone, nn.Linear(backbone.embed_dim, 1))     # the pretext's head: cls -> image mean
     lora.inject(backbone, cfg['peft'])

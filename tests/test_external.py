@@ -17,6 +17,7 @@ import finetune
 import predictions
 import pretrain_backbone
 import pretrain_targets
+import runs
 import synthetic
 from conftest import args, tiny_config
 from test_data import dcfg  # noqa: F401  (fixture)
@@ -125,7 +126,7 @@ def test_external_metrics_equal_evaluating_that_data_as_a_test_split(tmp_path, c
 
     # the chosen model, rebuilt from best.pth, on the site-1 data read as a main data set: the same numbers
     run_cfg = config.load_config(cfg)
-    run = engine.Run(run_cfg, 'reevaluate')
+    run = runs.Run(run_cfg, 'reevaluate')
     dcfg = {**run_cfg['data'], 'site': 1}
     cases, info = data.prepare(dcfg, str(cache), task, run_cfg['model']['in_chans'])
     run_cfg['model']['in_chans'] = info['in_chans']

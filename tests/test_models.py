@@ -11,7 +11,7 @@ import yaml
 
 from config import ConfigError
 import models as M
-import pretrain_backbone as B
+import checkpoints as B
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / 'tests' / 'mae_vit_base_keys.json').read_text())

@@ -10,7 +10,7 @@ import transformers
 from timm.models import vision_transformer
 
 import models as M
-import pretrain_backbone as B
+import checkpoints as B
 
 SIZES = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0)
 

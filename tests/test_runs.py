@@ -18,12 +18,13 @@ import engine
 import finetune
 import pretrain_backbone
 import pretrain_targets
+import runs
 from conftest import args, tiny_config
 
 
 def make_run(out_dir, name='run', resume=False, **kw):
     cfg = config.load_config(config.REFERENCE_CONFIG, [f'run.out_dir={out_dir}', 'run.log_every=1'])
-    return engine.Run(cfg, name, resume, **kw)
+    return runs.Run(cfg, name, resume, **kw)
 
 
 class Toy(torch.utils.data.Dataset):
@@ -48,9 +49,9 @@ def train_toy(run):
 HOLD = textwrap.dedent('''
     import sys
     sys.path.insert(0, sys.argv[1])
-    import config, engine
+    import config, runs
     cfg = config.load_config(config.REFERENCE_CONFIG, [f'run.out_dir={sys.argv[2]}'])
-    with engine.Run(cfg, 'run') as run:
+    with runs.Run(cfg, 'run') as run:
         run.start()
         print('holding', flush=True)
         sys.stdin.readline()
@@ -65,12 +66,12 @@ def test_a_second_process_with_the_same_name_refuses_before_writing_anything(tmp
         assert 'holding\n' in iter(other.stdout.readline, '')   # the other process has taken the folder
         folder = tmp_path / 'run'
         before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-        with pytest.raises(engine.RunFolderError, match=rf'{folder} is in use by process {other.pid} '):
+        with pytest.raises(runs.RunFolderError, match=rf'{folder} is in use by process {other.pid} '):
             make_run(tmp_path)
         assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
     finally:
         other.communicate('\n', timeout=60)
-    assert other.returncode == 0 and not (tmp_path / 'run' / engine.LOCK).exists()   # released at its end
+    assert other.returncode == 0 and not (tmp_path / 'run' / runs.LOCK).exists()   # released at its end
     with make_run(tmp_path) as run:                                                      # and free again
         run.start()
 
@@ -78,10 +79,10 @@ def test_a_second_process_with_the_same_name_refuses_before_writing_anything(tmp
 def test_of_two_runs_started_at_once_only_one_takes_the_folder(tmp_path):
     first, second = make_run(tmp_path), make_run(tmp_path)     # both pass the checks made before anything is written
     first.start()
-    with pytest.raises(engine.RunFolderError, match=rf'in use by process {os.getpid()} on {socket.gethostname()}'):
+    with pytest.raises(runs.RunFolderError, match=rf'in use by process {os.getpid()} on {socket.gethostname()}'):
         second.start()
     first.close()
-    assert not (first.dir / engine.LOCK).exists()
+    assert not (first.dir / runs.LOCK).exists()
 
 
 def test_a_stale_lock_is_reported_and_taken_over_a_live_one_on_another_host_is_not(tmp_path):
@@ -89,14 +90,14 @@ def test_a_stale_lock_is_reported_and_taken_over_a_live_one_on_another_host_is_n
         run.start()
     gone = subprocess.Popen(['true'])
     gone.wait()                                                 # a process that has ended: its pid is free
-    lock = tmp_path / 'run' / engine.LOCK
+    lock = tmp_path / 'run' / runs.LOCK
     lock.write_text(f'{gone.pid} {socket.gethostname()}\n')
     with make_run(tmp_path) as run:
         run.start()
         assert lock.read_text() == f'{os.getpid()} {socket.gethostname()}\n'
     assert f'stale lock of process {gone.pid} ' in (run.dir / 'log.txt').read_text() and not lock.exists()
     lock.write_text(f'{gone.pid} another-host\n')               # its process cannot be checked from here
-    with pytest.raises(engine.RunFolderError, match=f'in use by process {gone.pid} on another-host'):
+    with pytest.raises(runs.RunFolderError, match=f'in use by process {gone.pid} on another-host'):
         make_run(tmp_path)
 
 
@@ -105,12 +106,12 @@ def test_the_lock_is_released_on_an_error_and_ctrl_c_says_how_to_continue(tmp_pa
         with make_run(tmp_path) as run:
             train_toy(run)
     log = (run.dir / 'log.txt').read_text()
-    assert f'interrupted: the same command with --resume continues the run from {run.checkpoint}' in log and not (run.dir / engine.LOCK).exists()
+    assert f'interrupted: the same command with --resume continues the run from {run.checkpoint}' in log and not (run.dir / runs.LOCK).exists()
     with pytest.raises(RuntimeError, match='boom'):
         with make_run(tmp_path, 'other') as run:
             run.start()
             raise RuntimeError('boom')
-    assert not (run.dir / engine.LOCK).exists()
+    assert not (run.dir / runs.LOCK).exists()
     with make_run(tmp_path, resume=True) as run:                # the interrupted run continues
         train_toy(run)
     assert torch.load(run.checkpoint, weights_only=False)['epoch'] == OCFG['epochs'] - 1
@@ -120,7 +121,7 @@ def test_ctrl_c_at_the_command_line_exits_130_without_a_traceback(monkeypatch, c
     monkeypatch.setattr(sys, 'argv', ['finetune.py'])
     monkeypatch.delenv('TPP_DEBUG', raising=False)
     with pytest.raises(SystemExit) as end:
-        engine.cli(lambda a: (_ for _ in ()).throw(KeyboardInterrupt()), 'doc')
+        runs.cli(lambda a: (_ for _ in ()).throw(KeyboardInterrupt()), 'doc')
     assert end.value.code == 130 and capsys.readouterr().err == ''
 
 
@@ -132,16 +133,16 @@ def test_a_folder_tpp_did_not_make_is_never_written(tmp_path):
     mine.mkdir()
     (mine / 'config.yaml').write_text('my: notes\n')
     for resume in (False, True):
-        with pytest.raises(engine.RunFolderError, match=rf'{mine} exists and is not a tpp run folder.*another name'):
+        with pytest.raises(runs.RunFolderError, match=rf'{mine} exists and is not a tpp run folder.*another name'):
             make_run(tmp_path, resume=resume)
     (tmp_path / 'file').write_text('mine')
-    with pytest.raises(engine.RunFolderError, match='not a tpp run folder'):
+    with pytest.raises(runs.RunFolderError, match='not a tpp run folder'):
         make_run(tmp_path, 'file')
     assert (mine / 'config.yaml').read_text() == 'my: notes\n' and os.listdir(mine) == ['config.yaml']
     (tmp_path / 'empty').mkdir()                                # an empty folder is taken
     with make_run(tmp_path, 'empty') as run:
         run.start()
-    assert (run.dir / engine.MARKER).read_text() == 'run\n'
+    assert (run.dir / runs.MARKER).read_text() == 'run\n'
 
 
 def test_stage2_never_writes_into_the_stage1_folder(tmp_path, cache, crash_after_checkpoint):
@@ -152,7 +153,7 @@ def test_stage2_never_writes_into_the_stage1_folder(tmp_path, cache, crash_after
     folder = tmp_path / 'runs' / 'pretrain'
     saved = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     for resume in (False, True):
-        with pytest.raises(engine.RunFolderError, match=rf'{folder} is a pretrain run folder and a finetune run never '
+        with pytest.raises(runs.RunFolderError, match=rf'{folder} is a pretrain run folder and a finetune run never '
                                                         r'writes into it: choose another name \(--set finetune.name'):
             finetune.main(args(cfg, 'finetune.name=pretrain', 'finetune.init=random', resume=resume))
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == saved
@@ -177,21 +178,21 @@ def test_empty_or_path_like_names_are_refused_before_anything_runs(tmp_path, cac
 def test_metrics_json_is_written_last_and_resume_finishes_a_run_it_is_missing_from(tmp_path, cache, monkeypatch):
     cfg = tiny_config(tmp_path, cache, finetune={'epochs': 1, 'name': 'ft'})
     stage2 = ['finetune.init=random', 'finetune.task=classification']
-    write, lost = engine.atomic_write, []
+    write, lost = runs.atomic_write, []
 
     def disk_full_at_metrics(text, path):
         if path.name == 'metrics.json':
             lost.append(json.loads(text))
-            raise engine.RunFolderError('disk full (simulated)')
+            raise runs.RunFolderError('disk full (simulated)')
         write(text, path)
     with monkeypatch.context() as m:
-        m.setattr(engine, 'atomic_write', disk_full_at_metrics)
-        with pytest.raises(engine.RunFolderError, match='simulated'):
+        m.setattr(runs, 'atomic_write', disk_full_at_metrics)
+        with pytest.raises(runs.RunFolderError, match='simulated'):
             finetune.main(args(cfg, *stage2))
     folder = tmp_path / 'runs' / 'ft'
     assert (folder / 'model.pth').is_file() and not (folder / 'metrics.json').exists()   # not finished
-    assert not (folder / engine.LOCK).exists()
-    with pytest.raises(engine.RunFolderError, match='pass --resume'):
+    assert not (folder / runs.LOCK).exists()
+    with pytest.raises(runs.RunFolderError, match='pass --resume'):
         finetune.main(args(cfg, *stage2))
     assert finetune.main(args(cfg, *stage2, resume=True)) == folder                       # training was complete
     metrics = json.loads((folder / 'metrics.json').read_text())
@@ -222,7 +223,7 @@ def test_a_damaged_checkpoint_names_the_file_and_the_ways_out(tmp_path, damage):
         damage, b''))
     if damage == 'wrong keys':
         torch.save({'model': {}}, ckpt)
-    with pytest.raises(engine.RunFolderError, match=rf'--resume: {ckpt} (is damaged|is not a resume state).*best.pth '
+    with pytest.raises(runs.RunFolderError, match=rf'--resume: {ckpt} (is damaged|is not a resume state).*best.pth '
                                                     rf'is not one.*choose another name.*or delete {run.dir}$'):
         make_run(tmp_path, resume=True)
 
@@ -232,21 +233,21 @@ def test_resume_of_a_folder_whose_config_yaml_is_unreadable_says_what_to_do(tmp_
         train_toy(run)
     for text in (b'model: [unclosed\n', b'\xff\xfe\x00', b'- a list\n'):
         (run.dir / 'config.yaml').write_bytes(text)
-        with pytest.raises(engine.RunFolderError, match=rf"(?s)--resume: .*{run.dir / 'config.yaml'}.*delete {run.dir}"):
+        with pytest.raises(runs.RunFolderError, match=rf"(?s)--resume: .*{run.dir / 'config.yaml'}.*delete {run.dir}"):
             make_run(tmp_path, resume=True)
     (run.dir / 'config.yaml').unlink()
-    with pytest.raises(engine.RunFolderError, match='does not exist'):
+    with pytest.raises(runs.RunFolderError, match='does not exist'):
         make_run(tmp_path, resume=True)
 
 
 @pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux)')
-@pytest.mark.parametrize('save', [lambda path: engine.atomic_save({'w': torch.zeros(10 ** 5)}, path),
-                                  lambda path: engine.atomic_write('x' * 10 ** 6, path)])
+@pytest.mark.parametrize('save', [lambda path: runs.atomic_save({'w': torch.zeros(10 ** 5)}, path),
+                                  lambda path: runs.atomic_write('x' * 10 ** 6, path)])
 def test_a_full_disk_names_the_file_keeps_the_last_good_one_and_leaves_no_temporary(tmp_path, save):
     path = tmp_path / 'checkpoint.pth'
     path.write_bytes(b'last good')
     (tmp_path / 'checkpoint.pth.tmp').symlink_to('/dev/full')   # every write to the temporary file: ENOSPC
-    with pytest.raises(engine.RunFolderError, match=rf'{path}: not written, the disk is full.*Free space'):
+    with pytest.raises(runs.RunFolderError, match=rf'{path}: not written, the disk is full.*Free space'):
         save(path)
     assert path.read_bytes() == b'last good' and os.listdir(tmp_path) == ['checkpoint.pth']
 
@@ -256,6 +257,6 @@ def test_a_quota_is_a_full_disk_too(tmp_path, monkeypatch):
         f.write(b'half')
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     monkeypatch.setattr(torch, 'save', over_quota)
-    with pytest.raises(engine.RunFolderError, match='Free space'):
-        engine.atomic_save({}, tmp_path / 'best.pth')
+    with pytest.raises(runs.RunFolderError, match='Free space'):
+        runs.atomic_save({}, tmp_path / 'best.pth')
     assert not list(tmp_path.iterdir())

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import checkpoints
 import config
 import data
 import engine
@@ -20,6 +21,7 @@ import models
 import predictions
 import pretrain_backbone
 import pretrain_targets
+import runs
 import synthetic
 from conftest import args, tiny_config
 
@@ -32,20 +34,20 @@ def test_stage0_makes_the_backbone_once_and_loads_as_a_checkpoint(tmp_path, cach
     ckpt = torch.load(path, weights_only=True)
     assert ckpt['recipe'] == pretrain_backbone.default_path(config.load_config(cfg))[1]
     mae = models.build_mae(config.load_config(cfg))
-    assert pretrain_backbone.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')   # all of them
+    assert checkpoints.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')   # all of them
     other = pretrain_backbone.default_path(config.load_config(cfg, ['backbone.bootstrap.epochs=2']))[0]
     assert other != path and not other.exists()                          # another recipe, another backbone
 
 
 def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeypatch):
     seen = {}
-    train_mae = pretrain_targets.train_mae
+    train_mae = engine.train_mae
 
     def spy(run, mae, dataset, ocfg, tag, frozen_after=None):   # snapshot the frozen backbone before training
         seen['mae'], seen['before'] = mae, {n: p.detach().clone() for n, p in mae.named_parameters()
                                             if not p.requires_grad}
         return train_mae(run, mae, dataset, ocfg, tag, frozen_after)
-    monkeypatch.setattr(pretrain_targets, 'train_mae', spy)
+    monkeypatch.setattr(engine, 'train_mae', spy)
     path = pretrain_targets.main(args(tiny_config(tmp_path, cache)))
 
     mae, before = seen['mae'], seen['before']
@@ -65,13 +67,13 @@ def test_stage1_freezes_backbone_and_saves_only_targets(tmp_path, cache, monkeyp
 
 def test_decoder_warmup_trains_the_decoder_for_its_steps_then_freezes_it(tmp_path, cache, monkeypatch):
     seen = {}
-    train_mae = pretrain_targets.train_mae
+    train_mae = engine.train_mae
 
     def spy(run, mae, dataset, ocfg, tag, frozen_after=None):
         seen['decoder'] = {id(p) for n, p in mae.named_parameters() if models.is_decoder_key(n) and p.requires_grad}
         seen['frozen_after'] = frozen_after
         return train_mae(run, mae, dataset, ocfg, tag, frozen_after)
-    monkeypatch.setattr(pretrain_targets, 'train_mae', spy)
+    monkeypatch.setattr(engine, 'train_mae', spy)
     cfg = tiny_config(tmp_path, cache, pretrain={'decoder_warmup_steps': 1})
     path = pretrain_targets.main(args(cfg))
     n, params = seen['frozen_after']                     # engine.train freezes them (tests/test_engine.py)
@@ -86,7 +88,7 @@ def test_linear_tpp_trains_the_head_on_the_frozen_pre_trained_targets(tmp_path, 
     saved = torch.load(pretrain_targets.main(args(cfg)), weights_only=True)
     targets, source = saved['targets'], saved['meta']['data']           # fine-tuned on stage 1's data
     run_cfg = config.load_config(cfg, ['finetune.init=linear_tpp'])
-    run = engine.Run(run_cfg, 'probe')
+    run = runs.Run(run_cfg, 'probe')
     model, counts, stage1 = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), 3, 'linear_tpp',
                                                  source)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {f'head.{n}' for n, _ in
@@ -145,7 +147,7 @@ def test_stage2_loads_targets_and_learns(tmp_path, cache, task):
     run_cfg = config.load_config(cfg, [f'finetune.task={task}'])
     model = models.TaskModel(models.build_backbone(run_cfg), models.build_head(run_cfg, saved['num_classes']))
     model.load_state_dict(saved['model'])
-    run = engine.Run(run_cfg, 'reevaluate')
+    run = runs.Run(run_cfg, 'reevaluate')
     dcfg = run_cfg['data']
     test_cases = data.split_cases(data.prepare(dcfg, str(cache))[0], dcfg)['test']
     loader = engine.make_loader(run, data.SliceDataset(test_cases, dcfg, 32, 1, task, train=False), 32, train=False)
@@ -190,7 +192,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, cache, crash_after_checkpoint
     resumed = script.main(args(cfg, f'{name}.name=crashed', resume=True))
     result = resumed if script is pretrain_targets else resumed / 'metrics.json'
     stamp = result.stat().st_mtime_ns
-    with pytest.raises(engine.RunFolderError, match='finished'):                              # its outputs are kept
+    with pytest.raises(runs.RunFolderError, match='finished'):                              # its outputs are kept
         script.main(args(cfg, f'{name}.name=crashed', resume=True))
     assert result.stat().st_mtime_ns == stamp
     if script is pretrain_targets:
@@ -254,10 +256,10 @@ def test_everything_checkable_is_checked_before_stage0_and_the_run_folder(tmp_pa
         with pytest.raises(config.ConfigError, match='finetune.targets: .*none.pth does not exist'):
             finetune.main(args(cfg, f'finetune.targets={tmp_path}/none.pth'))
     mae = models.build_mae(config.load_config(cfg))
-    pretrain_backbone.load_checkpoint(mae, pretrain_backbone.resolve(config.load_config(cfg)))
+    checkpoints.load_checkpoint(mae, pretrain_backbone.resolve(config.load_config(cfg)))
     encoder = {k: v for k, v in mae.state_dict().items() if not models.is_decoder_key(k)}
     torch.save({'model': encoder}, tmp_path / 'encoder.pth')
-    with pytest.raises(pretrain_backbone.CheckpointError, match='train_decoder'):
+    with pytest.raises(checkpoints.CheckpointError, match='train_decoder'):
         pretrain_targets.main(args(cfg, 'pretrain.train_decoder=false', f'backbone.checkpoint={tmp_path}/encoder.pth'))
     assert not (tmp_path / 'runs').exists()
 
@@ -283,7 +285,7 @@ def test_the_shipped_backbone_is_the_default_configs_and_has_learned_to_reconstr
     assert torch.load(path, weights_only=True)['recipe'] == recipe
     torch.manual_seed(0)
     untrained, mae = models.build_mae(cfg), models.build_mae(cfg)
-    assert pretrain_backbone.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')
+    assert checkpoints.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')
     rng = np.random.default_rng(123)                       # fresh upstream-like images, none of the training set's
     images = np.stack([synthetic._upstream_image(rng, cfg['model']['img_size']) for _ in range(64)]) / 255.0
     x = (torch.tensor(images, dtype=torch.float32)[:, None] - cfg['data']['mean'][0]) / cfg['data']['std'][0]

@@ -10,10 +10,10 @@ import torch
 
 import config
 import data
-import engine
 import finetune
 import pretrain_backbone
 import pretrain_targets
+import runs
 from conftest import args, tiny_config
 from data import Case
 from test_data import bad, dcfg, medmnist_npz, save_nifti, save_png, write_csv   # noqa: F401 (dcfg: a fixture)
@@ -149,7 +149,7 @@ def test_stage2_warns_when_it_fine_tunes_on_other_data_than_the_targets(tmp_path
 
     def built(source, *overrides):                            # build_model's log; it loads the targets either way
         run_cfg = config.load_config(cfg, list(overrides))
-        finetune.build_model(run_cfg, engine.Run(run_cfg, 'probe'), pretrain_backbone.resolve(run_cfg), 3, 'tpp',
+        finetune.build_model(run_cfg, runs.Run(run_cfg, 'probe'), pretrain_backbone.resolve(run_cfg), 3, 'tpp',
                              source)
         return capsys.readouterr().out
     assert 'warning' not in built(trained_on)                 # the same data: no warning

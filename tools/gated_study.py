@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the project's modules, from any folder
 import config  # noqa: E402
-import engine  # noqa: E402
+import runs  # noqa: E402
 from tools import study  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -371,4 +371,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    engine.exit_on_user_error(main, parse_args())
+    runs.exit_on_user_error(main, parse_args())

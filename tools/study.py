@@ -55,6 +55,7 @@ import engine  # noqa: E402
 import finetune  # noqa: E402
 import pretrain_backbone  # noqa: E402
 import pretrain_targets  # noqa: E402
+import runs  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The matrix (pre-registered in results/study/design.md). Only study settings live here; everything else comes from
@@ -533,8 +534,8 @@ def write_curves(rows, path):
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['dataset', 'task', 'fraction', 'method', 'init', 'variant', 'epoch', 'val_mean', 'n_seeds'])
-        for (d, t, frac, m, init, v), runs in cells(rows).items():
-            curves = [[float(x) for x in r['val_curve'].split(';')] for r in runs
+        for (d, t, frac, m, init, v), cell_runs in cells(rows).items():
+            curves = [[float(x) for x in r['val_curve'].split(';')] for r in cell_runs
                       if r['status'] == 'ok' and r.get('val_curve')]
             if curves:
                 n = min(map(len, curves))
@@ -669,4 +670,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    engine.exit_on_user_error(main, parse_args())
+    runs.exit_on_user_error(main, parse_args())
