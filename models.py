@@ -167,8 +167,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0):
         super().__init__()
-        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, mlp_ratio=mlp_ratio,
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads)   # in vit_kwargs' order
         self.embed_dim, self.depth = embed_dim, depth
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -359,23 +359,6 @@ class MaskedAutoencoder(VisionTransformer):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-class DINOHead(nn.Module):
-    """DINO's projection head: a 3-layer MLP on the cls token, an L2-normalised bottleneck, then a linear layer with
-    unit-norm rows (the official weight norm with its gain fixed to 1) to out_dim prototype scores."""
-
-    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
-        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
-        self.mlp.apply(_init_linear_and_norm)  # as the encoder (DINO: truncated normal, std 0.02)
-
-    def forward(self, tokens):
-        """tokens: (B, 1+L, D) after the final norm -> scores (B, out_dim)."""
-        x = F.normalize(self.mlp(tokens[:, 0]), dim=-1)  # (B, bottleneck_dim) on the unit sphere
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Task heads (always trainable) and the stage-2 model
 
@@ -499,7 +482,7 @@ PRESETS = {
     'vit_huge': dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
 }
 _PRESET_DEFAULTS = dict(img_size=224, patch_size=16, in_chans=3, mlp_ratio=4.0)
-_VIT_ARGS = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')
+_VIT_ARGS = ('img_size', 'patch_size', 'in_chans', 'mlp_ratio', 'embed_dim', 'depth', 'num_heads')
 
 
 def vit_kwargs(model_cfg):
@@ -520,7 +503,7 @@ def vit_kwargs(model_cfg):
     if kwargs['embed_dim'] % math.lcm(4, kwargs['num_heads']):
         raise ConfigError(f"model.embed_dim {kwargs['embed_dim']} must be a multiple of 4 (the sin-cos position table) "
                           f"and of model.num_heads {kwargs['num_heads']}")
-    return kwargs
+    return {k: kwargs[k] for k in _VIT_ARGS}
 
 
 def build_backbone(cfg):
@@ -529,13 +512,6 @@ def build_backbone(cfg):
 
 def build_mae(cfg):
     return MaskedAutoencoder(**vit_kwargs(cfg['model']), **cfg['mae'])
-
-
-def build_dino(cfg):
-    """The DINO student: TaskModel(backbone, DINOHead) with the head sizes of the config's `dino:` section."""
-    head = {k: cfg['dino'][k] for k in ('out_dim', 'hidden_dim', 'bottleneck_dim')}
-    backbone = build_backbone(cfg)
-    return TaskModel(backbone, DINOHead(backbone.embed_dim, **head))
 
 
 def build_head(cfg, num_classes, arch=None):

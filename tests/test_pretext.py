@@ -10,8 +10,8 @@ import config
 import data
 import engine
 import finetune
+import dino
 import lora
-import models
 import pretrain_targets
 from conftest import args, tiny_config
 
@@ -20,10 +20,10 @@ def tiny_dino(tmp_path, cache, *overrides, steps_per_epoch=4, epochs=2):
     """The tiny config's stage-1 DINO model, targets inserted, backbone random (no checkpoint needed here)."""
     cfg = config.load_config(tiny_config(tmp_path, cache), ['pretrain.pretext=dino', *overrides])
     torch.manual_seed(0)
-    student = models.build_dino(cfg)
+    student = dino.build_student(cfg)
     lora.inject(student.backbone, cfg['peft'])
     pretrain_targets.freeze_backbone(student, cfg)
-    return cfg, pretrain_targets.SelfDistillation(student, cfg['dino'], steps_per_epoch, epochs)
+    return cfg, dino.SelfDistillation(student, cfg['dino'], steps_per_epoch, epochs)
 
 
 def views(local=1, batch=4):
@@ -34,8 +34,8 @@ def views(local=1, batch=4):
 
 
 def test_dino_teacher_is_an_ema_of_the_students_targets_and_head_only(tmp_path, cache):
-    cfg, dino = tiny_dino(tmp_path, cache)
-    student, teacher = dino.student, dino.teacher
+    cfg, distill = tiny_dino(tmp_path, cache)
+    student, teacher = distill.student, distill.teacher
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     heads = {n for n, _ in student.head.named_parameters(prefix='head')}
     assert trainable == {'backbone.' + n for n, _ in lora.target_parameters(student.backbone)} | heads
@@ -51,13 +51,13 @@ def test_dino_teacher_is_an_ema_of_the_students_targets_and_head_only(tmp_path, 
     backbone = {n: p.clone() for n, p in frozen.items()}
 
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5)
-    dino(views()).backward()
-    assert all((p.grad is not None) == p.requires_grad for p in dino.parameters())
+    distill(views()).backward()
+    assert all((p.grad is not None) == p.requires_grad for p in distill.parameters())
     optimizer.step()
-    dino.update_teacher()
+    distill.update_teacher()
 
     m, params = cfg['dino']['ema'], dict(student.named_parameters())   # the momentum at step 0
-    assert dino.step.item() == 1
+    assert distill.step.item() == 1
     for n, b in teacher.named_buffers():
         assert not torch.equal(params[n], before[n]), n                   # the student moved ...
         torch.testing.assert_close(b, m * before[n] + (1 - m) * params[n].detach(), rtol=1e-6, atol=1e-7)  # float32 eps
@@ -65,55 +65,55 @@ def test_dino_teacher_is_an_ema_of_the_students_targets_and_head_only(tmp_path, 
 
 
 def test_dino_centre_is_an_ema_of_the_teachers_batch_mean(tmp_path, cache):
-    cfg, dino = tiny_dino(tmp_path, cache)
-    dino.center.normal_()
-    center, x = dino.center.clone(), views(2)
+    cfg, distill = tiny_dino(tmp_path, cache)
+    distill.center.normal_()
+    center, x = distill.center.clone(), views(2)
     with torch.no_grad():
-        batch_mean = dino.teacher(torch.cat(x[:2])).mean(dim=0)   # (K,) over both global views of every image
-    dino(x)
+        batch_mean = distill.teacher(torch.cat(x[:2])).mean(dim=0)   # (K,) over both global views of every image
+    distill(x)
     m = cfg['dino']['center_momentum']
-    torch.testing.assert_close(dino.center, m * center + (1 - m) * batch_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(distill.center, m * center + (1 - m) * batch_mean, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize('step', [0, 5, 20])
 def test_dino_loss_is_the_cross_entropy_of_each_global_teacher_view_with_every_other_student_view(tmp_path, cache,
                                                                                                step):
-    cfg, dino = tiny_dino(tmp_path, cache, 'dino.warmup_teacher_temp_epochs=2')   # 8 warm-up steps
-    dino.center.normal_(std=0.3)
-    dino.step.fill_(step)
+    cfg, distill = tiny_dino(tmp_path, cache, 'dino.warmup_teacher_temp_epochs=2')   # 8 warm-up steps
+    distill.center.normal_(std=0.3)
+    distill.step.fill_(step)
     x, d = views(2), cfg['dino']
     temp = {0: d['warmup_teacher_temp'], 5: (3 * d['warmup_teacher_temp'] + 5 * d['teacher_temp']) / 8,
             20: d['teacher_temp']}[step]                                   # the warm-up, by hand
     with torch.no_grad():
-        t = ((dino.teacher(torch.cat(x[:2])) - dino.center) / temp).softmax(-1).chunk(2)   # centred, sharp
-        s = [(dino.student(v) / d['student_temp']).log_softmax(-1) for v in x]
+        t = ((distill.teacher(torch.cat(x[:2])) - distill.center) / temp).softmax(-1).chunk(2)   # centred, sharp
+        s = [(distill.student(v) / d['student_temp']).log_softmax(-1) for v in x]
         expected = sum(-(t[i] * s[j]).sum(-1).mean() for i in range(2) for j in range(4) if i != j) / 6
         entropy = sum(torch.special.entr(ti).sum(-1).mean() for ti in t) / 2   # -sum p log p, 0 log 0 = 0
-    torch.testing.assert_close(dino(x), expected)
-    stats, log_k = dino.epoch_stats(), math.log(d['out_dim'])
+    torch.testing.assert_close(distill(x), expected)
+    stats, log_k = distill.epoch_stats(), math.log(d['out_dim'])
     assert stats == pytest.approx({'teacher_entropy': entropy.item(), 'teacher_entropy_rel': entropy.item() / log_k,
                                    'loss_rel': expected.item() / log_k}, rel=1e-5)
 
 
 def test_dino_schedules_are_those_of_the_official_recipe():
-    warm = [pretrain_targets.teacher_temp_at(s, 10, 0.04, 0.07) for s in (0, 5, 10, 11, 1000)]
+    warm = [dino.teacher_temp_at(s, 10, 0.04, 0.07) for s in (0, 5, 10, 11, 1000)]
     assert warm == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])         # linear, then constant
-    assert pretrain_targets.teacher_temp_at(0, 0, 0.04, 0.07) == 0.07       # no warm-up
-    m = [pretrain_targets.momentum_at(s, 101, 0.99) for s in range(101)]
+    assert dino.teacher_temp_at(0, 0, 0.04, 0.07) == 0.07       # no warm-up
+    m = [dino.momentum_at(s, 101, 0.99) for s in range(101)]
     assert m[0] == 0.99 and m[50] == pytest.approx(0.995) and m[100] == 1.0   # cosine from ema to exactly 1
     assert all(a < b for a, b in zip(m, m[1:]))
 
 
 def test_dino_teacher_sees_only_the_global_crops_and_the_student_every_crop(tmp_path, cache):
-    cfg, dino = tiny_dino(tmp_path, cache, 'dino.local_crops=3', 'dino.local_crop_size=16')
+    cfg, distill = tiny_dino(tmp_path, cache, 'dino.local_crops=3', 'dino.local_crop_size=16')
     seen = {'teacher': [], 'student': []}
     for who in seen:
-        getattr(dino, who).backbone.patch_embed.register_forward_hook(
+        getattr(distill, who).backbone.patch_embed.register_forward_hook(
             lambda m, inputs, out, who=who: seen[who].append(tuple(inputs[0].shape)))
     torch.manual_seed(0)
-    crops = pretrain_targets.multi_crop(torch.randn(4, 1, 32, 32), cfg['data'], cfg['dino'], 32)
+    crops = dino.multi_crop(torch.randn(4, 1, 32, 32), cfg['data'], cfg['dino'], 32)
     assert [tuple(c.shape) for c in crops] == [(4, 1, 32, 32)] * 2 + [(4, 1, 16, 16)] * 3
-    dino(crops)
+    distill(crops)
     assert seen == {'teacher': [(8, 1, 32, 32)], 'student': [(8, 1, 32, 32), (12, 1, 16, 16)]}
 
 
@@ -124,7 +124,7 @@ def test_dino_augmentations_repeat_under_a_seed_keep_shapes_and_do_what_they_say
 
     def crops(seed):
         torch.manual_seed(seed)
-        return pretrain_targets.multi_crop(images, dcfg, d, 64)
+        return dino.multi_crop(images, dcfg, d, 64)
     a, b, c = crops(1), crops(1), crops(2)
     assert len(a) == 2 + d['local_crops'] and all(x.shape == (6, 1, s, s) for x, s in zip(a, [64, 64] + [32] * 6))
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not any(torch.equal(x, y) for x, y in zip(a, c))
@@ -159,7 +159,7 @@ def stage1_spy(monkeypatch):
     """Record the SelfDistillation model of a stage-1 run, its frozen tensors before training, and the head's last
     layer after every optimiser step."""
     seen = {'last_layer': []}
-    train, update = engine.train, pretrain_targets.SelfDistillation.update_teacher
+    train, update = engine.train, dino.SelfDistillation.update_teacher
 
     def spy(run, model, *a, **kw):
         seen['model'] = model
@@ -170,7 +170,7 @@ def stage1_spy(monkeypatch):
         seen['last_layer'].append(model.student.head.last_layer.weight.detach().clone())
         update(model)
     monkeypatch.setattr(engine, 'train', spy)
-    monkeypatch.setattr(pretrain_targets.SelfDistillation, 'update_teacher', update_teacher)
+    monkeypatch.setattr(dino.SelfDistillation, 'update_teacher', update_teacher)
     return seen
 
 
