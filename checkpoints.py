@@ -50,12 +50,17 @@ def _read_state_dict(ckpt):
     return sd
 
 
+def _unadaptable(key, have, shape) -> CheckpointError:
+    """The error of a checkpoint tensor (shape `have`) that cannot take the model's shape."""
+    return CheckpointError(f'{key}: checkpoint shape {tuple(have)} cannot be adapted to the model shape '
+                           f'{tuple(shape)}')
+
+
 def _resize_pos_embed(key, pos, shape):
     """(1, 1+G*G, D) -> shape (1, 1+g*g, D): bicubic on the patch grid, cls row kept (as MAE's fine-tuning)."""
     G, g = math.isqrt(pos.shape[1] - 1), math.isqrt(shape[1] - 1)
     if pos.ndim != 3 or pos.shape[2] != shape[2] or G * G != pos.shape[1] - 1:
-        raise CheckpointError(f'{key}: checkpoint shape {tuple(pos.shape)} cannot be adapted to the model shape '
-                              f'{tuple(shape)}')
+        raise _unadaptable(key, pos.shape, shape)
     return torch.cat([pos[:, :1].float(), models.resize_pos_grid(pos[:, 1:], g)], dim=1), f'{key} {G}x{G}->{g}x{g}'
 
 
@@ -73,8 +78,7 @@ def _adapt_patch_embed(key, w, shape):
     3/C); 3->2 and 3->4 split the repeated channel (timm's uniform 3/C scale would not keep this)."""
     c, C = w.shape[1], shape[1]
     if w.shape[:1] + w.shape[2:] != shape[:1] + shape[2:]:
-        raise CheckpointError(f'{key}: checkpoint shape {tuple(w.shape)} cannot be adapted to the model shape '
-                              f'{tuple(shape)}')
+        raise _unadaptable(key, w.shape, shape)
     share = _channel_map(c, C)
     share = share / share.sum(0)                                       # (C, c): each column sums to 1
     return torch.einsum('ji,di...->dj...', share, w.float()).to(w.dtype), f'{key} {c}->{C} channels'
@@ -85,8 +89,7 @@ def _adapt_decoder_pred(key, w, shape, pixels):
     channels it takes (_channel_map): 3->1 averages (the grey value), 1->C copies (each channel predicts the grey)."""
     c, C = w.shape[0] // pixels, shape[0] // pixels
     if w.shape[0] % pixels or w.shape[1:] != shape[1:]:
-        raise CheckpointError(f'{key}: checkpoint shape {tuple(w.shape)} cannot be adapted to the model shape '
-                              f'{tuple(shape)}')
+        raise _unadaptable(key, w.shape, shape)
     mean = _channel_map(c, C)
     mean = mean / mean.sum(1, keepdim=True)                            # (C, c): each row sums to 1
     w = torch.einsum('ji,pi...->pj...', mean, w.reshape(pixels, c, *w.shape[1:]).float()).to(w.dtype)
@@ -116,7 +119,8 @@ def load_checkpoint(model, ckpt, need_decoder=False):
     leaves a model's decoder as initialised. Checkpoint keys outside the model's modules (head.*, fc_norm.*, a
     decoder the model lacks) are ignored and reported. A missing model key, a checkpoint key inside the model's
     modules that the model lacks, or a shape that cannot be adapted raises CheckpointError naming the key and the
-    shapes. need_decoder: the decoder stays frozen (pretrain.train_decoder false), so the checkpoint must have one.
+    shapes (_unadaptable). need_decoder: the decoder stays frozen (pretrain.train_decoder false), so the checkpoint
+    must have one.
     """
     if not isinstance(model, models.VisionTransformer):
         raise TypeError(f'load_checkpoint loads backbones (VisionTransformer, MaskedAutoencoder), '

@@ -1,6 +1,7 @@
 """Images, masks and labels for tpp: read, check, split and slice the layouts medical-imaging users already have.
 
     cases, info = prepare(cfg['data'], cfg['run']['cache_dir'])    # list and validate every case before training
+    cfg['data']['intensity'] = info['modes']                        # auto resolved from the data
     splits = split_cases(cases, cfg['data'])                        # by case: train / val / test / labelled
     ds = SliceDataset(splits['train'], cfg['data'], img_size, in_chans, task='segmentation', train=True)
 
@@ -590,7 +591,8 @@ def source_name(dcfg: dict) -> str:
 def external_config(dcfg: dict) -> dict | None:
     """The data config of the external test set (data.external_root / external_layout / external_site: the data
     keys of a second data set, the other keys shared; config.load_config checked them), or None when neither is set.
-    Called before prepare resolves data.intensity auto in dcfg, so the external set resolves its own."""
+    Called before the stage puts the main data's resolved data.intensity into dcfg, so the external set resolves its
+    own auto."""
     if dcfg['external_root'] is None and dcfg['external_layout'] is None:
         return None
     layout = dcfg['external_layout'] or dcfg['layout']
@@ -620,22 +622,23 @@ def prepare(dcfg: dict, cache_dir, task=None, in_chans=None) -> tuple[list[Case]
     'segmentation') also refuse data with one class for it. Returns (cases, info) with info keys num_classes_seg
     (incl. background) or None, num_classes_cls or None, intensity, the line to log about data.intensity, in_chans,
     the model's input channels (model.in_chans `in_chans` resolved from the data: resolve_in_chans), channels, the
-    line to log about it, warnings (validate's, for the stage to log: warning_lines) and data, {'layout', 'root'}
-    with the root resolved (a synthetic set's folder name), which describe() completes for the targets' meta. auto is
-    resolved here, in dcfg itself, so SliceDataset and the run's config.yaml (resume compares it) get the mode; the
-    stage sets model.in_chans from info['in_chans'] for the same reasons."""
+    line to log about it, modes, data.intensity resolved (auto -> a mode or a list of modes: resolve_intensity),
+    warnings (validate's, for the stage to log: warning_lines) and data, {'layout', 'root'} with the root resolved (a
+    synthetic set's folder name), which describe() completes for the targets' meta. dcfg is left as it is: the stage
+    puts info['modes'] and info['in_chans'] into its config, so SliceDataset gets the modes and the run's config.yaml
+    (resume compares it) records what the data resolved to."""
     cases, names = read_cases(dcfg, cache_dir)
-    dcfg['intensity'], intensity = resolve_intensity(dcfg['intensity'], cases, names)
-    checked = validate(cases, names, dcfg, task)
+    mode, intensity = resolve_intensity(dcfg['intensity'], cases, names)
+    checked = validate(cases, names, {**dcfg, 'intensity': mode}, task)
     chans, line = resolve_in_chans(in_chans, checked.pop('chans'), checked.pop('colour'))
-    if isinstance(dcfg['intensity'], list) and len(dcfg['intensity']) != chans:
-        raise DataError(f"data.intensity: {len(dcfg['intensity'])} modes {dcfg['intensity']} for {chans} input "
-                        f'channels ({line}); give one mode for every channel, or one for all')
+    if isinstance(mode, list) and len(mode) != chans:
+        raise DataError(f'data.intensity: {len(mode)} modes {mode} for {chans} input channels ({line}); give one mode '
+                        f'for every channel, or one for all')
     for key in ('mean', 'std'):   # the schema checks the lengths against a fixed in_chans; this, the resolved one
         if len(dcfg[key]) not in (1, chans):
             raise DataError(f'data.{key}: {len(dcfg[key])} values for {chans} input channels ({line}); give 1 or '
                             f'{chans}')
-    return cases, {**checked, 'intensity': intensity, 'in_chans': chans, 'channels': line,
+    return cases, {**checked, 'intensity': intensity, 'modes': mode, 'in_chans': chans, 'channels': line,
                    'data': {'layout': dcfg['layout'], 'root': names['root']}}
 
 
@@ -942,7 +945,7 @@ class SliceDataset(torch.utils.data.Dataset):
     DataLoader worker has its copy)."""
 
     def __init__(self, cases, dcfg, img_size, in_chans, task, train):
-        if not set(modes(dcfg['intensity'])) <= set(INTENSITIES):    # a bug: prepare resolves data.intensity auto first
+        if not set(modes(dcfg['intensity'])) <= set(INTENSITIES):    # a bug: auto goes in resolved (prepare's modes)
             raise ValueError(f"data.intensity {dcfg['intensity']!r}: SliceDataset needs modes of {INTENSITIES}")
         self.cases, self.dcfg, self.size, self.in_chans = list(cases), dcfg, img_size, in_chans
         self.task, self.train, self.axis = task, train, dcfg['axis']

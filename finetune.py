@@ -119,9 +119,9 @@ def read_data(cfg):
     """The data of the run, every case checked (data.prepare) before anything is written: {'info', 'splits',
     'num_classes', 'sets': SliceDatasets of labelled / val / test (and external: every case of data.external_*)}."""
     dcfg, task = cfg['data'], cfg['finetune']['task']
-    ext_dcfg = data.external_config(dcfg)                          # before prepare resolves the main data's intensity
+    ext_dcfg = data.external_config(dcfg)                          # before dcfg gets the main data's intensity mode
     cases, info = data.prepare(dcfg, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])
-    cfg['model']['in_chans'] = info['in_chans']                    # the model follows the data
+    cfg['data']['intensity'], cfg['model']['in_chans'] = info['modes'], info['in_chans']   # the config follows the data
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if not num_classes:
         raise config.ConfigError(f"finetune.task={task}: data.layout {dcfg['layout']} has no "
@@ -143,6 +143,7 @@ def prepare_external(ext, cfg, task, num_classes):
     """The external set's cases, read and checked as the main data's (prepare, for the model's resolved in_chans);
     its class count for the task must be the main data's. Returns (cases, info) as prepare does."""
     cases, info = data.prepare(ext, cfg['run']['cache_dir'], task, cfg['model']['in_chans'])
+    ext['intensity'] = info['modes']                                # the config follows the data
     k = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     if k != num_classes:
         raise data.DataError(f'data.external_*: the external test set {data.source_name(ext)} has {k or "no"} '

@@ -97,7 +97,7 @@ def main(args):
     cfg = config.load_config(args.config, args.set, stage=1)
     pcfg, dcfg, is_dino = cfg['pretrain'], cfg['data'], cfg['pretrain']['pretext'] == 'dino'
     cases, info = check(cfg)
-    cfg['model']['in_chans'] = info['in_chans']                  # the model follows the data
+    cfg['data']['intensity'], cfg['model']['in_chans'] = info['modes'], info['in_chans']   # the config follows the data
     backbone_path = resolve(cfg)                                 # stage 0 (once, cached) unless a checkpoint is set
     with runs.Run(cfg, pcfg['name'], args.resume, result='targets.pth', stage='pretrain') as run:
         for line in (f"data.intensity {info['intensity']}", f"model.in_chans {info['channels']}",

@@ -1,6 +1,5 @@
 """Channels: MSD 4D and nnU-Net multi-sequence volumes, colour images and MedMNIST arrays, model.in_chans null
 (follows the data), checkpoints adapted to any channel count, multi-page TIFF, duplicate case files."""
-import copy
 import json
 
 import nibabel as nib
@@ -71,17 +70,18 @@ def test_ct_with_another_sequence_is_windowed_on_the_ct_channel_only(tmp_path, d
     (root / 'dataset.json').write_text(json.dumps({'labels': {'0': 'background', '1': 'lesion'},
                                                    'modality': {'0': 'CT', '1': 'PET'}}))
     for intensity in ('auto', ['window', 'percentile']):
-        cfg = dict(copy.deepcopy(dcfg), layout='msd', root=str(root), intensity=intensity, percentile=[0.0, 100.0])
+        cfg = dict(dcfg, layout='msd', root=str(root), intensity=intensity, percentile=[0.0, 100.0])
         cases, info = data.prepare(cfg, tmp_path)
-        assert cfg['intensity'] == ['window', 'percentile'] and info['warnings'] == []
+        assert info['modes'] == ['window', 'percentile'] and info['warnings'] == []
         if intensity == 'auto':
             assert info['intensity'] == ("auto -> ['window', 'percentile'] (NIfTI volumes, dataset.json modality CT, "
                                          "PET: window on the CT channels)")
+        cfg['intensity'] = info['modes']
         x = data.SliceDataset(cases, cfg, 16, 2, 'segmentation', train=False)[1]['image'] * 0.25 + 0.5   # [0, 1]
         assert x[0, 8, 8].item() == pytest.approx(200 / 400) and x[0, 0, 0].item() == 0     # window [-160, 240]
         assert x[1, 8, 8].item() == pytest.approx(1) and x[1, 0, 0].item() == 0              # percentiles 0, 100
     with pytest.raises(DataError, match=r"data.intensity: 3 modes .* for 2 input channels"):
-        data.prepare(dict(copy.deepcopy(dcfg), layout='msd', root=str(root), intensity=['window'] * 3), tmp_path)
+        data.prepare(dict(dcfg, layout='msd', root=str(root), intensity=['window'] * 3), tmp_path)
 
 
 def test_nnunet_channel_files_read_in_order(tmp_path, dcfg):
@@ -108,19 +108,19 @@ def test_channel_count_mismatches_are_refused(tmp_path, dcfg):
     root = two_sequence_msd(tmp_path / 'T', n=3)
     dcfg = dict(dcfg, layout='msd', root=str(root))
     with pytest.raises(DataError, match=r"model\.in_chans: 3 does not fit the data's 2 channels per image"):
-        data.prepare(copy.deepcopy(dcfg), tmp_path, in_chans=3)
-    assert data.prepare(copy.deepcopy(dcfg), tmp_path, in_chans=2)[1]['channels'] == '2 (2 channels per image)'
+        data.prepare(dcfg, tmp_path, in_chans=3)
+    assert data.prepare(dcfg, tmp_path, in_chans=2)[1]['channels'] == '2 (2 channels per image)'
     with pytest.raises(DataError, match=r'data.std: 3 values for 2 input channels'):   # in_chans null: found here
-        data.prepare(dict(copy.deepcopy(dcfg), std=[0.2, 0.2, 0.2]), tmp_path)
+        data.prepare(dict(dcfg, std=[0.2, 0.2, 0.2]), tmp_path)
     js = json.loads((root / 'dataset.json').read_text())
     (root / 'dataset.json').write_text(json.dumps({**js, 'modality': {'0': 'T2', '1': 'ADC', '2': 'DWI'}}))
     with pytest.raises(DataError, match=r'2 channel\(s\), but dataset.json lists 3 \(T2, ADC, DWI\)'):
-        data.prepare(copy.deepcopy(dcfg), tmp_path)
+        data.prepare(dcfg, tmp_path)
     (root / 'dataset.json').write_text(json.dumps(js))
     grey = nib.load(root / 'imagesTr' / 'p1.nii.gz').get_fdata()[..., 1]
     save_nifti(root / 'imagesTr' / 'p1.nii.gz', grey.astype(np.float32))
     with pytest.raises(DataError, match=r'p0\.nii\.gz: 2 channel\(s\), but .*p1\.nii\.gz has 1'):
-        data.prepare(copy.deepcopy(dcfg), tmp_path)
+        data.prepare(dcfg, tmp_path)
 
 
 def test_two_sequence_msd_trains_on_the_default_config(tmp_path, cache):
@@ -205,6 +205,7 @@ def test_medmnist_arrays_read_as_the_medmnist_package_presents_them(tmp_path, dc
     dcfg = dict(dcfg, layout='medmnist', root=str(tmp_path / 'pathmnist.npz'), mean=[0.1, 0.2, 0.3], std=[0.5])
     cases, info = data.prepare(dcfg, tmp_path)
     assert info['in_chans'] == 3 and info['channels'] == 'null -> 3 (colour images)'
+    dcfg['intensity'] = info['modes']
     x = data.SliceDataset(cases, dcfg, 28, 3, 'classification', train=False)[0]['image']      # per-channel mean/std
     rgb = torch.from_numpy(np.load(tmp_path / 'pathmnist.npz')['train_images'][0]).permute(2, 0, 1) / 255
     torch.testing.assert_close(x, (rgb - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)) / 0.5)
@@ -223,9 +224,9 @@ def test_hue_only_classes_differ_in_colour_and_not_in_grey(tmp_path, dcfg):
     path = official_medmnist(tmp_path / 'hue.npz', {s: hue_classes(8) for s in data.SPLITS})
     dcfg = dict(dcfg, layout='medmnist', root=str(path))
     for in_chans in (None, 1):
-        cfg = copy.deepcopy(dcfg)
-        cases, info = data.prepare(cfg, tmp_path, 'classification', in_chans)
-        ds = data.SliceDataset(cases[:8], cfg, 28, info['in_chans'], 'classification', train=False)
+        cases, info = data.prepare(dcfg, tmp_path, 'classification', in_chans)
+        ds = data.SliceDataset(cases[:8], dict(dcfg, intensity=info['modes']), 28, info['in_chans'], 'classification',
+                               train=False)
         red, green = ds[0], ds[1]
         assert (red['label'], green['label']) == (0, 1)
         if in_chans is None:                                               # null -> 3: the hue is the class
@@ -265,6 +266,7 @@ def test_colour_png_keeps_its_channels_and_grey_saved_as_rgb_stays_grey(tmp_path
     colour = dict(dcfg, layout='folder', root=str(tmp_path / 'colour'))
     cases, info = data.prepare(colour, tmp_path)
     assert info['in_chans'] == 3
+    colour['intensity'] = info['modes']
     x = data.SliceDataset(cases, colour, 16, 3, 'classification', train=False)[0]['image']
     assert x.shape == (3, 16, 16) and x[0, 8, 8] > x[1, 8, 8]              # red
     assert data.prepare(dict(dcfg, layout='folder', root=str(tmp_path / 'grey')), tmp_path)[1]['in_chans'] == 1

@@ -74,10 +74,11 @@ def test_window_percentile_none_and_normalize(dcfg):
 def test_auto_intensity_is_chosen_from_the_data_in_prepare(tmp_path, dcfg):
     assert dcfg['intensity'] == 'auto'                                         # the default
 
-    def resolved(**cfg):
-        cfg = dict(dcfg, **cfg)
-        line = data.prepare(cfg, tmp_path)[1]['intensity']
-        return cfg['intensity'], line                                          # resolved in the config itself
+    def resolved(**keys):
+        cfg = dict(dcfg, **keys)
+        info = data.prepare(cfg, tmp_path)[1]
+        assert cfg == dict(dcfg, **keys)                                       # left as given: the stage sets the mode
+        return info['modes'], info['intensity']
     npz = str(medmnist_npz(tmp_path / 'm.npz')[0])
     assert resolved(layout='medmnist', root=npz) == ('none', 'auto -> none (MedMNIST arrays)')
     for cls in ('a', 'b'):
@@ -276,12 +277,12 @@ def test_medmnist_2d_uses_the_files_splits_and_memory(tmp_path, dcfg):
     assert info.items() >= {'num_classes_seg': None, 'num_classes_cls': 3,
                             'intensity': 'auto -> none (MedMNIST arrays)', 'in_chans': 1,
                             'channels': 'null -> 1 (grey images)'}.items()
-    assert len(cases) == 14
+    assert len(cases) == 14 and info['modes'] == 'none' and dcfg['intensity'] == 'auto'
     assert list(tmp_path.iterdir()) == [path]                                  # nothing written: read from memory
     splits = data.split_cases(cases, dcfg)
     assert [len(splits[s]) for s in ('train', 'val', 'test', 'labelled')] == [6, 4, 4, 3]   # label_fraction on train
     assert [c.label for c in splits['val']] == npz['val_labels'][:, 0].tolist()
-    ds = data.SliceDataset(splits['test'], dcfg, 28, 1, 'classification', train=False)
+    ds = data.SliceDataset(splits['test'], dict(dcfg, intensity=info['modes']), 28, 1, 'classification', train=False)
     assert len(ds) == 4 and ds[2]['label'].item() == npz['test_labels'][2, 0]
     assert torch.equal(ds[2]['image'][0], torch.from_numpy(npz['test_images'][2] / np.float32(255)))
     medmnist_npz(path, counts=(8, 4, 4))                                       # the file replaced: read again

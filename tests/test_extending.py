@@ -58,7 +58,7 @@ def test_a_new_target_is_frozen_saved_and_loaded_by_its_type(tmp_path, cache):
 def test_a_new_pretext_trains_only_the_targets_and_its_head(tmp_path, cache):
     cfg = tiny(tmp_path, cache)
     cases, info = data.prepare(cfg['data'], cache, in_chans=cfg['model']['in_chans'])
-    cfg['model']['in_chans'] = info['in_chans']
+    cfg['data']['intensity'], cfg['model']['in_chans'] = info['modes'], info['in_chans']   # as the stages do
     dataset = data.SliceDataset(data.split_cases(cases, cfg['data'])['train'], cfg['data'], 32, 1, None, train=True)
     run = runs.Run(cfg, 'toy-pretext')                              # seeds the run
     backbone = models.build_backbone(cfg)
@@ -102,6 +102,7 @@ def test_a_new_layout_reads_through_prepare_split_and_slices(tmp_path, cache, mo
     cfg = tiny(tmp_path, cache, 'data.layout=pairs', f'data.root={root}')
     cases, info = data.prepare(cfg['data'], cache, 'classification', cfg['model']['in_chans'])
     assert len(cases) == 12 and info['num_classes_cls'] == 2 and info['in_chans'] == 1
+    cfg['data']['intensity'] = info['modes']                          # as the stages do
     splits = data.split_cases(cases, cfg['data'])
     item = data.SliceDataset(splits['train'], cfg['data'], 32, 1, 'classification', train=True)[0]
     assert item['image'].shape == (1, 32, 32) and item['label'] in (0, 1)

@@ -129,7 +129,7 @@ def test_external_metrics_equal_evaluating_that_data_as_a_test_split(tmp_path, c
     run = runs.Run(run_cfg, 'reevaluate')
     dcfg = {**run_cfg['data'], 'site': 1}
     cases, info = data.prepare(dcfg, str(cache), task, run_cfg['model']['in_chans'])
-    run_cfg['model']['in_chans'] = info['in_chans']
+    dcfg['intensity'], run_cfg['model']['in_chans'] = info['modes'], info['in_chans']
     num_classes = info['num_classes_cls' if task == 'classification' else 'num_classes_seg']
     model, _, _ = finetune.build_model(run_cfg, run, pretrain_backbone.resolve(run_cfg), num_classes, 'linear', None)
     engine.load_trainable_state(model, torch.load(run_dir / 'best.pth', weights_only=False)['model'])

@@ -149,7 +149,9 @@ def test_stage2_loads_targets_and_learns(tmp_path, cache, task):
     model.load_state_dict(saved['model'])
     run = runs.Run(run_cfg, 'reevaluate')
     dcfg = run_cfg['data']
-    test_cases = data.split_cases(data.prepare(dcfg, str(cache))[0], dcfg)['test']
+    cases, info = data.prepare(dcfg, str(cache))
+    dcfg['intensity'] = info['modes']                                      # as the stage resolved it
+    test_cases = data.split_cases(cases, dcfg)['test']
     loader = engine.make_loader(run, data.SliceDataset(test_cases, dcfg, 32, 1, task, train=False), 32, train=False)
     again = predictions.evaluate(run, model, loader, task, saved['num_classes'], native=True)   # as the test split
     assert again['score'] == pytest.approx(metrics['test']['score'], abs=2e-3)

@@ -64,7 +64,7 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
     assert info == {'num_classes_seg': len(synthetic.CT_CLASSES), 'num_classes_cls': len(synthetic.CT_KINDS),
                     'intensity': 'auto -> window (NIfTI volumes, dataset.json modality CT)', 'warnings': [],
                     'data': {'layout': 'synthetic_ct', 'root': next(tmp_path.iterdir()).name},   # its folder name
-                    'in_chans': 1, 'channels': 'null -> 1 (grey images)'}
+                    'modes': 'window', 'in_chans': 1, 'channels': 'null -> 1 (grey images)'}
     (folder,) = list(tmp_path.iterdir())  # no temporary folder left beside it
     assert folder.name == (f'synthetic_ct-v{synthetic.GENERATOR_VERSION}-seed0-n_cases4-shape24x24x6-'
                            'spacing14.4x14.4x20.0')
@@ -73,12 +73,12 @@ def test_prepare_synthetic_writes_once_and_atomically(tmp_path, dcfg, monkeypatc
     assert (folder / 'manifest.csv').stat().st_mtime_ns == stamp  # reused, not regenerated
 
     monkeypatch.setattr(synthetic, 'SYNTH_US', dict(n_per_class=2, size=32))
-    dcfg.update(layout='synthetic_us', intensity='auto')
+    dcfg.update(layout='synthetic_us')
     cases, info = data.prepare(dcfg, tmp_path)
     assert len(cases) == 6 and info == {'num_classes_seg': 2, 'num_classes_cls': len(synthetic.US_CLASSES),
                                         'intensity': 'auto -> percentile (2D image files)', 'warnings': [],
                                         'data': {'layout': 'synthetic_us', 'root': cases[0].image.parents[1].name},
-                                        'in_chans': 1, 'channels': 'null -> 1 (grey images)'}
+                                        'modes': 'percentile', 'in_chans': 1, 'channels': 'null -> 1 (grey images)'}
     assert [c.label for c in cases] == [0, 0, 1, 1, 2, 2] and cases[0].id.startswith(synthetic.US_CLASSES[0])
 
 

@@ -226,7 +226,9 @@ def infer_rows(spec, device, autocast):
 
 def loader_row(spec, device, autocast):
     cfg, dcfg = spec['cfg'], spec['cfg']['data']
-    cases = data.split_cases(data.prepare(dcfg, cfg['run']['cache_dir'])[0], dcfg)['labelled']
+    cases, info = data.prepare(dcfg, cfg['run']['cache_dir'])
+    dcfg = {**dcfg, 'intensity': info['modes']}                    # the config follows the data
+    cases = data.split_cases(cases, dcfg)['labelled']
     arch = models.vit_kwargs(cfg['model'])
     dataset = data.SliceDataset(cases, dcfg, arch['img_size'], arch['in_chans'], 'segmentation', train=True)
     for case in cases:  # decoded once and cached: the steady state, from the second epoch on (images already are)
