@@ -251,6 +251,7 @@ SCHEMA = {
 
     'backbone.checkpoint': Str(null=True),
     'backbone.bootstrap.images': POSITIVE_INT,
+    'backbone.bootstrap.medical': PROBABILITY,
     'backbone.bootstrap.epochs': POSITIVE_INT,
     'backbone.bootstrap.batch_size': POSITIVE_INT,
     'backbone.bootstrap.lr': RATE,

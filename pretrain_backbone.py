@@ -30,7 +30,7 @@ def upstream_dataset(cfg):
     augmentation: the recipe of the shipped backbones."""
     arch, boot = models.vit_kwargs(cfg['model']), cfg['backbone']['bootstrap']
     root = synthetic.synthetic_root('upstream', cfg['run']['cache_dir'], seed=boot['seed'], n=boot['images'],
-                                    size=arch['img_size'])
+                                    size=arch['img_size'], medical=boot['medical'])
     cases = [data.Case(p.stem, p, None, None) for p in sorted(root.glob('*.png'))]
     dcfg = {**cfg['data'], 'intensity': 'none', 'skip_empty': 0}
     return data.SliceDataset(cases, dcfg, arch['img_size'], arch['in_chans'], task=None, train=False)
@@ -53,7 +53,10 @@ def default_path(cfg):
     """Where the embedded default backbone of this config lives (made or not) and the recipe it is made with: the
     shipped file of this recipe if there is one (weights/README.md), else its folder in run.cache_dir."""
     cfg = grey(cfg)
-    recipe = {'model': models.vit_kwargs(cfg['model']), 'mae': cfg['mae'], 'bootstrap': cfg['backbone']['bootstrap'],
+    boot = cfg['backbone']['bootstrap']
+    if boot['medical'] == 0:   # a textures-only corpus is named without the key, as results/study's backbone (weights/)
+        boot = {k: v for k, v in boot.items() if k != 'medical'}
+    recipe = {'model': models.vit_kwargs(cfg['model']), 'mae': cfg['mae'], 'bootstrap': boot,
               'normalise': [cfg['data']['mean'], cfg['data']['std']],
               'data': synthetic.GENERATOR_VERSION}
     name = 'backbone-' + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]

@@ -4,7 +4,7 @@
     root = synthetic_root('mri', cache_dir)     # MRI-like brains: 4D T1/T2/FLAIR volumes in an MSD tree + manifest.csv
     root = synthetic_root('us', cache_dir)      # ultrasound-like breast images in BUSI-like class folders
     root = synthetic_root('ct', cache_dir, site=1)                  # the same task from another site (SITES)
-    root = synthetic_root('upstream', cache_dir, n=2000, size=64)   # the backbone's pre-training images (PNG)
+    root = synthetic_root('upstream', cache_dir, n=2000, size=64, medical=0.75)   # the backbone's pre-training images
 
 Each generator is seeded and pure numpy; a folder is written once into run.cache_dir under a name that holds the
 generator version, seed, site and sizes, so changed parameters regenerate. This module never imports data.py: the
@@ -437,21 +437,63 @@ def _vessels(rng, size, yy, xx):
 UPSTREAM_KINDS = [_dead_leaves, _clouds, _flow, _cells, _vessels]
 
 
-def _upstream_image(rng, size):
-    """One upstream image of a random kind: natural textures and other modalities' looks, far from the CT and
-    ultrasound generators (no organs, no lesions, no speckle), for the bootstrap backbone. Random contrast and
-    polarity; 8-bit grey."""
+def _texture(rng, size):
+    """One natural-texture image of a random kind (no organs, no lesions, no speckle), random contrast, gamma and
+    polarity; float in [0, 1]."""
     yy, xx = np.mgrid[0:1:size * 1j, 0:1:size * 1j].astype(np.float32)
     img = UPSTREAM_KINDS[rng.integers(len(UPSTREAM_KINDS))](rng, size, yy, xx)
     lo, hi = np.percentile(img, [1, 99])
     img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) ** rng.uniform(0.6, 1.6)   # contrast and gamma
-    if rng.uniform() < 0.3:
-        img = 1 - img
-    return (img * 255).astype(np.uint8)
+    return 1 - img if rng.uniform() < 0.3 else img
 
 
-def write_upstream(root, n=2000, size=64, seed=SYNTH_SEED):
+def _any_site(rng):
+    """A scanner drawn around SITES' range, so the upstream corpus spans other sites than the downstream sets'."""
+    return dict(gain=rng.uniform(0.85, 1.15), noise=rng.uniform(0.5, 1.8), resolution=rng.uniform(0.6, 1.8),
+                contrast=rng.uniform(0.8, 1.2))
+
+
+def _to_unit(img, lo, hi):
+    return np.clip((img.astype(np.float32) - lo) / (hi - lo), 0, 1)
+
+
+def _medical_slices(rng, kind, k):
+    """k unlabelled 2D slices in [0, 1] of one new patient on a random scanner, as the data pipeline would show
+    them: 'ct' axial slices of an abdomen in the abdominal window (data.window), 'mri' axial slices of a head in one
+    random sequence, percentile-scaled per volume (data.percentile), 'us' k B-mode images of random class, each
+    percentile-scaled."""
+    site = _any_site(rng)
+    if kind == 'us':
+        images = [_us_image(rng, rng.integers(3), SYNTH_US['size'], site)[0] for _ in range(k)]
+        return [_to_unit(img, *np.percentile(img, [0.5, 99.5])) for img in images]
+    if kind == 'ct':
+        vol = _ct_case(rng, SYNTH_CT['shape'], np.array(SYNTH_CT['spacing'], np.float32), rng.integers(2), site)[0]
+        vol = _to_unit(vol, -160, 240)[None]                                              # (1, X, Y, Z)
+    else:
+        vol = _mri_case(rng, SYNTH_MRI['shape'], np.array(SYNTH_MRI['spacing'], np.float32), rng.integers(2), site)[0]
+        vol = np.moveaxis(vol, -1, 0)                                                     # (3, X, Y, Z)
+        vol = np.stack([_to_unit(v, *np.percentile(v, [0.5, 99.5])) for v in vol])
+    return [vol[rng.integers(len(vol)), :, :, z] for z in rng.integers(vol.shape[-1], size=k)]
+
+
+MEDICAL_KINDS = ['ct', 'mri', 'us']
+
+
+def upstream_images(n, size, seed, medical):
+    """The backbone's n upstream images (uint8, size x size): a fraction `medical` from the CT, MRI and ultrasound
+    generators (equal shares; new patients on random scanners, 8 slices per patient, labels dropped), the rest
+    natural textures. Their random streams never meet the downstream sets' (an entry of 10**6)."""
+    n_med = round(n * medical)
+    images = [_texture(np.random.default_rng([seed, i]), size) for i in range(n - n_med)]
+    for j in range(-(-n_med // 8)):
+        kind = MEDICAL_KINDS[j % len(MEDICAL_KINDS)]
+        images += _medical_slices(np.random.default_rng([seed, 10 ** 6, j]), kind, min(8, n_med - 8 * j))
+    return [np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+            for img in images]
+
+
+def write_upstream(root, n=2000, size=64, seed=SYNTH_SEED, medical=0.0):
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(_upstream_image(np.random.default_rng([seed, i]), size)).save(root / f'up_{i:05d}.png')
+    for i, image in enumerate(upstream_images(n, size, seed, medical)):
+        Image.fromarray(image).save(root / f'up_{i:05d}.png')

@@ -277,6 +277,16 @@ def test_a_run_stopped_before_its_first_checkpoint_runs_again(tmp_path, cache, m
     assert pretrain_targets.main(args(cfg)).is_file()                    # no --resume, no deleting by hand
 
 
+def test_the_first_studys_backbone_is_still_shipped_under_its_recipe():
+    """results/study ran on the textures-only backbone (weights/README.md): its recipe still names the shipped file,
+    so that study is reproduced without training it again."""
+    cfg = config.load_config(config.REFERENCE_CONFIG, ['backbone.bootstrap.images=10000', 'backbone.bootstrap.epochs=30',
+                                                       'backbone.bootstrap.medical=0'])
+    path, recipe = pretrain_backbone.default_path(cfg)
+    assert path == pretrain_backbone.WEIGHTS / 'backbone-7434eacbb9.pth'
+    assert torch.load(path, weights_only=True)['recipe'] == recipe
+
+
 def test_the_shipped_backbone_is_the_default_configs_and_has_learned_to_reconstruct():
     """weights/ holds the default config's stage 0 (weights/README.md): the Quickstart never trains it. Its recipe
     is the default config's, every tensor loads, and on fresh upstream images it reconstructs masked patches better
@@ -288,8 +298,8 @@ def test_the_shipped_backbone_is_the_default_configs_and_has_learned_to_reconstr
     torch.manual_seed(0)
     untrained, mae = models.build_mae(cfg), models.build_mae(cfg)
     assert checkpoints.load_checkpoint(mae, path).startswith(f'loaded {len(mae.state_dict())} tensors')
-    rng = np.random.default_rng(123)                       # fresh upstream-like images, none of the training set's
-    images = np.stack([synthetic._upstream_image(rng, cfg['model']['img_size']) for _ in range(64)]) / 255.0
+    boot = cfg['backbone']['bootstrap']                    # fresh upstream images (another seed: none of the training set's)
+    images = np.stack(synthetic.upstream_images(64, cfg['model']['img_size'], 123, boot['medical'])) / 255.0
     x = (torch.tensor(images, dtype=torch.float32)[:, None] - cfg['data']['mean'][0]) / cfg['data']['std'][0]
     with torch.no_grad():
         losses = {}

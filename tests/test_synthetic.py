@@ -92,3 +92,19 @@ def test_upstream_dataset(tmp_path):
     assert torch.equal(x[0], x[1])  # grey repeated to the channels a 3-channel backbone wants
     lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
     assert x.min() >= lo and x.max() <= hi and x.std() > 0.1
+
+
+def test_upstream_images_mix_textures_and_new_patients_of_every_modality():
+    """A fraction `medical` of the upstream corpus comes from the CT, MRI and ultrasound generators, 8 slices per new
+    patient (the last patient gives the remainder); the rest are textures; the same seed gives the same images."""
+    images = synthetic.upstream_images(50, 16, seed=3, medical=0.6)
+    assert len(images) == 50 and all(im.shape == (16, 16) and im.dtype == np.uint8 for im in images)
+    textures, medical = images[:20], images[20:]
+    assert all(np.array_equal(a, b) for a, b in zip(textures, synthetic.upstream_images(20, 16, seed=3, medical=0)))
+    assert all(np.array_equal(a, b) for a, b in zip(images, synthetic.upstream_images(50, 16, seed=3, medical=0.6)))
+    ct, mri, us, ct2 = medical[:8], medical[8:16], medical[16:24], medical[24:]
+    assert len(ct2) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(ct, synthetic.upstream_images(8, 16, seed=3, medical=1)))
+    air = [np.mean(im == 0) for im in ct]                  # CT slices: air around the body clips to 0 in the window
+    assert min(air) > 0.2 and max(np.mean(im == 0) for im in us) < 0.2
+    assert not any(np.array_equal(a, b) for a in images for b in synthetic.upstream_images(50, 16, seed=4, medical=0.6))
