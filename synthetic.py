@@ -488,6 +488,11 @@ def upstream_images(n, size, seed, medical):
     for j in range(-(-n_med // 8)):
         kind = MEDICAL_KINDS[j % len(MEDICAL_KINDS)]
         images += _medical_slices(np.random.default_rng([seed, 10 ** 6, j]), kind, min(8, n_med - 8 * j))
+    return resized(images, size)
+
+
+def resized(images, size):
+    """[0, 1] images of any side -> uint8 size x size (bilinear)."""
     return [np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
             for img in images]
 
