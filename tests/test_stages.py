@@ -320,3 +320,12 @@ def test_stage_scripts_take_from_each_other_only_stage0s_resolve():
         taken |= {(n.value.id, n.attr) for n in ast.walk(tree)
                   if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
         assert {(module, name) for module, name in taken if module in stages} == {('pretrain_backbone', 'resolve')}
+
+
+def test_the_shipped_backbone_reconstructs_every_upstream_kind_better_than_the_patch_mean():
+    """tools/backbone_loss.py (weights/README.md's table): on new patients of each modality and on textures the
+    default backbone beats each patch's mean, and an untrained MAE does not."""
+    from tools import backbone_loss
+    path = pretrain_backbone.default_path(config.load_config(config.REFERENCE_CONFIG))[0]
+    for kind, (trained, guess, untrained) in backbone_loss.losses([path]).items():
+        assert trained < 0.9 * guess < 0.9 * untrained, kind

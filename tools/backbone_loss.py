@@ -31,24 +31,32 @@ def images(kind, size):
     return torch.tensor(np.stack(synthetic.resized(ims, size)) / 255.0, dtype=torch.float32)[:, None]
 
 
-def main(paths):
+def losses(paths):
+    """{kind: [loss of each backbone in paths, per-patch mean guess, untrained MAE]}."""
     cfg = config.load_config(config.REFERENCE_CONFIG)
     torch.manual_seed(0)
     mae, untrained = models.build_mae(cfg), models.build_mae(cfg)
     mean, std = cfg['data']['mean'][0], cfg['data']['std'][0]
-    print('kind       ' + ''.join(f'{Path(p).stem:>24}' for p in paths) + '  per-patch mean  untrained')
+    table = {}
     for kind in ('ct', 'mri', 'us', 'texture'):
         x = (images(kind, cfg['model']['img_size']) - mean) / std
-        losses = []
+        row = []
         with torch.no_grad():
             for model, path in [(mae, p) for p in paths] + [(untrained, None)]:
                 if path:
                     checkpoints.load_checkpoint(model, path)
                 torch.manual_seed(1)                       # the same mask for every model
                 loss, pred, mask = model(x, 0.75)
-                losses.append(loss.item())
-            guess = mae.forward_loss(x, torch.zeros_like(pred), mask).item()
-        print(f'{kind:<11}' + ''.join(f'{v:>24.3f}' for v in losses[:-1]) + f'{guess:>16.3f}{losses[-1]:>11.2f}')
+                row.append(loss.item())
+            row.insert(-1, mae.forward_loss(x, torch.zeros_like(pred), mask).item())
+        table[kind] = row
+    return table
+
+
+def main(paths):
+    print('kind    ' + ''.join(f'{Path(p).stem:>24}' for p in paths) + '  per-patch mean  untrained')
+    for kind, row in losses(paths).items():
+        print(f'{kind:<8}' + ''.join(f'{v:>24.3f}' for v in row[:-2]) + f'{row[-2]:>16.3f}{row[-1]:>11.2f}')
 
 
 if __name__ == '__main__':
