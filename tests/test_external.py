@@ -42,7 +42,7 @@ def test_site_0_writes_the_reference_files_byte_for_byte(tmp_path):
     assert digest(tmp_path / 'us') == 'b4504a88c0eef8a38da3b830074f61f8a6219cee0ad3d136a7b0ccd39b856e97'
     assert synthetic.GENERATOR_VERSION == 2 and synthetic.SITES[0] == dict(gain=1, noise=1, resolution=1, contrast=1)
     cfg = config.load_config(config.REFERENCE_CONFIG, ['model.in_chans=1'])           # as the stages resolve it
-    assert pretrain_backbone.default_path(cfg)[0].name == 'backbone-7434eacbb9.pth'    # the shipped one
+    assert pretrain_backbone.default_path(cfg)[0].parent == pretrain_backbone.WEIGHTS   # the shipped one
 
 
 def _ct(root, i, folder='imagesTr'):
