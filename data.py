@@ -840,8 +840,8 @@ def split_cases(cases: list[Case], dcfg: dict) -> dict[str, list[Case]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def take_slice(arr: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """2D slice (a view) of a canonical volume along `axis`; the image itself for 2D. A view, not np.take: on the
-    Fortran-ordered arrays NIfTI gives, np.take measured ~100x slower."""
+    """2D slice (a view) of a canonical volume along `axis`; the image itself for 2D. A view, not np.take, which
+    copies the slice out of the Fortran-ordered arrays NIfTI gives."""
     return arr if arr.ndim == 2 else arr[(slice(None),) * axis + (index,)]
 
 
