@@ -6,9 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+import checkpoints
 import config
+import lora
+import models
 from conftest import tiny_config
 from tools import gated_study as gs
 from tools import study
@@ -95,6 +99,36 @@ def test_quick_summary_schema(quick):
     assert len(stage1) == len(m['seeds']) * len(m['tasks']) * len(gs.PRETEXTS)     # re-run per seed
     for svg in ('effects.svg', 'val_curves.svg'):
         assert (out / svg).read_text().lstrip().startswith('<?xml')
+
+
+def test_stage1_update_ratio_is_the_stage1_targets_update(quick, cache):
+    """runs.csv's stage1_update_ratio, derived from metrics.json, equals ||s*B1A1|| / ||W|| of the targets file."""
+    _, out = quick
+    row = next(r for r in read_rows(out / 'runs.csv') if r['arm'] == 'tpp_mae')
+    cfg = yaml.safe_load((out / row['stage1'] / 'config.yaml').read_text())
+    backbone = models.build_backbone(cfg)
+    checkpoints.load_checkpoint(backbone, cfg['backbone']['checkpoint'])
+    lora.inject(backbone, cfg['peft'])
+    lora.load_target_state_dict(backbone, torch.load(out / row['stage1'] / 'targets.pth')['targets'])
+    direct = lora.update_ratio(backbone)['median']
+    assert direct > 0 and float(row['stage1_update_ratio']) == pytest.approx(direct, rel=1e-3)
+
+
+def test_results_md_has_the_gate_and_a_row_per_cell(quick):
+    _, out = quick
+    summary, md = json.loads((out / 'summary.json').read_text()), (out / 'results.md').read_text()
+    assert f"Passed: **{'yes' if summary['design']['gate']['passed'] else 'no'}**" in md
+    table = md.split('## Cells')[1].split('## Health')[0]
+    rows = [line.split(' | ') for line in table.splitlines() if line.startswith('| ') and ':' in line.split(' | ')[0]]
+    assert len(rows) == len(summary['cells'])
+    for c, row in zip(summary['cells'], rows):
+        assert row[4] == study.mean_std(c['values'])
+        arm = {'random': 'random', 'probe_backbone': 'probe'}.get(c['init'], f"tpp_{c['pretext']}")
+        first = [float(r['val_curve'].split(';')[0]) for r in read_rows(out / 'runs.csv')
+                 if (r['stage'], r['dataset'], r['arm']) == ('2', c['data'], arm)]
+        assert float(row[6]) == pytest.approx(np.mean(first), abs=1e-3)
+        if c['pretext']:
+            assert row[7] == study._diff(c).split(' | ')[0]
 
 
 def test_second_invocation_reruns_nothing(quick, capsys):

@@ -16,7 +16,9 @@ the labelled subset follows the seed (data.label_seed). It writes to --out:
                   "cells": [...]}: per cell the seeds, test values and collapsed runs; TPP cells paired with random
                   LoRA by seed (mean, 95% t-interval, wins), their stage-1 seeds, the median survival of the stage-1
                   update and the minimum detectable effect at that n (MDE)
-    runs.csv      every run (stage 1 and stage 2), with update_ratio, survival and validation curve
+    runs.csv      every run (stage 1 and stage 2), with update_ratio, survival, the stage-1 update's ratio and
+                  validation curve
+    results.md    the same as tables: per task every arm, the paired effects, MDE and survival; the gate; health
     effects.svg, val_curves.svg   TPP − random per task and pretext (95% CI); mean validation curves per arm
 
 Runs execute in-process through tools/study.py's run_all: re-running the same command skips finished runs and
@@ -78,7 +80,7 @@ T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.8
 MDE = 'MDE = (t_{0.975,n-1} + t_{0.80,n-1}) * sd_diff / sqrt(n): the paired effect a two-sided 5% t-test detects ' \
       'with 80% power at n seeds, sd_diff the observed sd of TPP − random over seeds'
 FIELDS = study.CSV_FIELDS + ['arm', 'pretext', 'stage1', 'stage1_seed', 'update_ratio', 'survival_cosine',
-                             'survival_norm_ratio']
+                             'survival_norm_ratio', 'stage1_update_ratio']
 
 
 def parse_args(argv=None):
@@ -174,6 +176,10 @@ def run_rows(runs, args, m, out):
             row['update_ratio'] = mt.get('update_ratio', {}).get('median', '')
             survival = mt.get('target_survival', {})
             row.update(survival_cosine=survival.get('cosine', ''), survival_norm_ratio=survival.get('norm_ratio', ''))
+            if survival:   # ||s*B1A1|| / ||W|| = (||s*BA|| / ||W||) / (||s*BA|| / ||s*B1A1||) per layer; 4 digits
+                ratio = _median([mt['update_ratio']['per_layer'][k] / v['norm_ratio']
+                                 for k, v in survival['per_layer'].items()])
+                row['stage1_update_ratio'] = f'{ratio:.4g}'
             if run['stage1']:   # the seed the stage-1 run was made with, as its config.yaml records it
                 saved = yaml.safe_load((out / run['stage1'] / 'config.yaml').read_text())
                 row['stage1_seed'] = saved['run']['seed']
@@ -264,7 +270,8 @@ def summarise(rows, m, choice):
             rs = sorted((r for r in s2 if (r['dataset'], r['arm']) == (d, arm)), key=lambda r: r['seed'])
             good = [r for r in rs if r['status'] == 'ok']
             init, pretext = ARMS.get(arm, ('linear', None))
-            cell = {'data': d, 'task': task, 'labels': m['fraction'], 'method': None if arm == 'probe' else 'lora',
+            cell = {'data': d, 'task': task, 'arm': arm, 'labels': m['fraction'],
+                    'method': None if arm == 'probe' else 'lora',
                     'init': study.INIT_NAMES[init], 'pretext': pretext, 'lr': rs[0]['lr'] if rs else None,
                     'metric': good[0]['metric'] if good else None, 'seeds': [r['seed'] for r in good],
                     'values': [r['test_score'] for r in good], 'collapsed': sum(r['collapsed'] for r in good),
@@ -279,7 +286,8 @@ def summarise(rows, m, choice):
                             paired_against='random',
                             mde=mde([mine[s] - base[s] for s in sorted(set(mine) & set(base))]),
                             target_survival={'cosine': _median([r['survival_cosine'] for r in good]),
-                                             'norm_ratio': _median([r['survival_norm_ratio'] for r in good])})
+                                             'norm_ratio': _median([r['survival_norm_ratio'] for r in good])},
+                            stage1_update_ratio=_median([r['stage1_update_ratio'] for r in good]))
             cells.append(cell)
     return {'design': design(rows, cells, m, choice), 'cells': cells}
 
@@ -293,7 +301,7 @@ def design(rows, cells, m, choice):
                 health.append({'criterion': 'random LoRA: no collapsed run', 'data': d, 'value': c['collapsed'],
                                'holds': c['collapsed'] == 0})
             if c['data'] == d and c['primary']:
-                health.append({'criterion': f"{c['init']} {c['pretext'] or ''}: no diverged run".replace('  ', ' '),
+                health.append({'criterion': ' '.join(filter(None, [c['init'], c['pretext']])) + ': no diverged run',
                                'data': d, 'value': c['diverged'], 'holds': c['diverged'] == 0})
     return {'question': 'Does TPP (stage-1 pre-trained LoRA targets) beat random-init LoRA at 10% labels when PEFT '
                         'adapts a backbone worth adapting?',
@@ -311,7 +319,42 @@ def design(rows, cells, m, choice):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Plots
+# The report: results.md and two plots (SVG)
+
+def _first_val(rows, cell):
+    """Mean validation metric after stage 2's first epoch over the cell's runs: where each arm starts."""
+    return study.finite_mean([float(r['val_curve'].split(';')[0]) for r in rows if r['stage'] == 2 and
+                              r['status'] == 'ok' and (r['dataset'], r['arm']) == (cell['data'], cell['arm'])])
+
+
+def write_markdown(summary, rows, path):
+    dsg, fmt = summary['design'], lambda v: '–' if v is None else f'{v:.3f}'
+    g = dsg['gate']
+    lines = ['# Gated study: every cell', '', f"Machine: {dsg['machine']}. Seeds {dsg['seeds'][0]}-{dsg['seeds'][-1]}, "
+             f"{dsg['labels']:.0%} labels, LoRA. Written by `tools/gated_study.py` from `runs.csv`.", '',
+             '## Regime gate', '', f"Passed: **{'yes' if g['passed'] else 'no'}** (probe AUC >= "
+             f"{GATE['probe_auc']}, random LoRA's median update ratio <= {GATE['update_ratio']}).", '',
+             '| task | probe AUC | update ratio (random LoRA) |', '|---|---|---|']
+    lines += [f"| {t} | {fmt(g['probe'].get(t))} | {fmt(g['update_ratio'][t])} |" for t in dsg['tasks']]
+    lines += ['', '## Cells', '', 'Test metric mean ± sd over seeds; *val, epoch 1*: mean validation metric after '
+              'the first stage-2 epoch. TPP rows: TPP − random LoRA paired by seed [95% t-interval], wins, the '
+              'minimum detectable effect (80% power), the size of the stage-1 update (||s·B1A1|| / ||W||) and its '
+              'survival in the final one (cosine, norm ratio); medians over seeds of per-layer medians. Random rows: '
+              'the final update ratio ||s·BA|| / ||W||.', '',
+              '| task | arm | stage-1 epochs | lr | test | collapsed | val, epoch 1 | TPP − random [95% CI] | wins | '
+              'MDE | update ratio | survival cos | final / stage-1 norm |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for c in summary['cells']:
+        diff, surv = study._diff(c).split(' | ') + [''], c.get('target_survival') or {}
+        row = [f"{c['data']}:{c['task']}", c['init'] + (f" ({c['pretext']})" if c['pretext'] else ''),
+               c.get('stage1_epochs', ''), c['lr'], study.mean_std(c['values']),
+               f"{c['collapsed']}/{len(c['values'])}", fmt(_first_val(rows, c)), diff[0], diff[1]]
+        row += ([fmt(c['mde']), f"{c['stage1_update_ratio']:.2g} (stage 1)", fmt(surv['cosine']),
+                 fmt(surv['norm_ratio'])] if c['pretext'] else ['', fmt(c.get('update_ratio')), '', ''])
+        lines.append('| ' + ' | '.join(map(str, row)) + ' |')
+    lines += ['', '## Health of the baselines', ''] + study.health_table(dsg['health'])
+    Path(path).write_text('\n'.join(lines) + '\n')
+
 
 def write_plots(summary, rows, out):
     """effects.svg: TPP − random (paired, 95% CI) per task, one series per pretext; val_curves.svg: the mean
@@ -363,6 +406,7 @@ def main(args):
     study.write_csv(rows, out / 'runs.csv', FIELDS)
     summary = summarise(rows, m, choice)
     (out / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
+    write_markdown(summary, rows, out / 'results.md')
     write_plots(summary, rows, out)
     g = summary['design']['gate']
     print(f"gated study: gate {'passed' if g['passed'] else 'NOT passed'} (probe {g['probe']}, update_ratio "

@@ -37,7 +37,6 @@ import csv
 import io
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -56,6 +55,7 @@ import finetune  # noqa: E402
 import pretrain_backbone  # noqa: E402
 import pretrain_targets  # noqa: E402
 import runs  # noqa: E402
+from tools import speed  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The matrix (pre-registered in results/study/design.md). Only study settings live here; everything else comes from
@@ -523,10 +523,14 @@ def write_markdown(summary, path, header):
         lines.append(f"| {c['data']} | {c['task']} | {c['labels']:.0%} | {c['method'] or '–'} | {c['init']} | {s1} | "
                      f"{mean_std(c['values'])} | {mean_std(c['worst_class'])} | {c['collapsed']}/{len(c['values'])} | "
                      f"{conv} / {c['epochs']} | {auc} | {_diff(c)} |")
-    lines += ['', '### Health of the baselines', '', '| criterion | value | holds |', '|---|---|---|']
-    lines += [f"| {h['data']}: {h['criterion']} | {h['value']:.3f} | {'yes' if h['holds'] else 'NO'} |"
-              for h in dsg['health']]
+    lines += ['', '### Health of the baselines', ''] + health_table(dsg['health'])
     Path(path).write_text('\n'.join(lines) + '\n')
+
+
+def health_table(health):
+    """The baselines' health criteria as a markdown table."""
+    return ['| data | criterion | value | holds |', '|---|---|---|---|'] + [
+        f"| {h['data']} | {h['criterion']} | {h['value']:.3g} | {'yes' if h['holds'] else 'NO'} |" for h in health]
 
 
 def write_curves(rows, path):
@@ -595,8 +599,7 @@ def write_plots(summary, rows, out, m):
 # ----------------------------------------------------------------------------------------------------------------------
 
 def machine():
-    return (f'{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPU cores visible, '
-            f'torch {torch.__version__} ({torch.get_num_threads()} threads), '
+    return (f'{speed.cpu_name()} visible, torch {torch.__version__} ({torch.get_num_threads()} threads), '
             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
             f'Python {platform.python_version()}')
 
