@@ -547,9 +547,9 @@ def write_curves(rows, path):
                     w.writerow([d, t, frac, m, init, v, e + 1, f'{val:.4f}', len(curves)])
 
 
-def line_plot(path, title, xlabel, ylabel, series, logx=False, zero=False):
+def line_plot(path, title, xlabel, ylabel, series, logx=False, zero=False, xticks=None):
     """A line plot (matplotlib, SVG): series = [(name, xs, ys, errors or None)]; the errors are [lo, hi] intervals
-    drawn as bars; zero draws the line y = 0."""
+    drawn as bars; zero draws the line y = 0; xticks labels the x positions 0, 1, ..."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -562,6 +562,8 @@ def line_plot(path, title, xlabel, ylabel, series, logx=False, zero=False):
         ax.axhline(0, color='grey', linestyle='--', linewidth=1)
     if logx:
         ax.set_xscale('log')
+    if xticks:
+        ax.set_xticks(range(len(xticks)), xticks)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, bbox_inches='tight', metadata={'Date': None})
