@@ -43,7 +43,8 @@ def pretrain_dino(run, student, dataset, cfg):
     distill = dino.SelfDistillation(student, d, len(loader), cfg['pretrain']['epochs']).to(run.device)
     loss_fn = lambda model, batch: model(dino.multi_crop(batch['image'], cfg['data'], d, img_size))
     result = engine.train(run, distill, loader, loss_fn, cfg['pretrain'], tag='pretrain',
-                          evaluate=dino.SelfDistillation.epoch_stats, before_step=dino.SelfDistillation.freeze_last_layer,
+                          evaluate=dino.SelfDistillation.epoch_stats,
+                          before_step=dino.SelfDistillation.freeze_last_layer,
                           after_step=dino.SelfDistillation.update_teacher)
     return result, distill.target_state_dict(d['save']), {'name': 'dino', **d}
 

@@ -479,15 +479,25 @@ def _medical_slices(rng, kind, k):
 MEDICAL_KINDS = ['ct', 'mri', 'us']
 
 
+def upstream_textures(n, size, seed):
+    """n upstream textures in [0, 1], texture i from its own random stream."""
+    return [_texture(np.random.default_rng([seed, i]), size) for i in range(n)]
+
+
+def upstream_patient(j, kind, k, seed):
+    """k slices of upstream patient j (_medical_slices); its random stream never meets the downstream sets' (an
+    entry of 10**6)."""
+    return _medical_slices(np.random.default_rng([seed, 10 ** 6, j]), kind, k)
+
+
 def upstream_images(n, size, seed, medical):
     """The backbone's n upstream images (uint8, size x size): a fraction `medical` from the CT, MRI and ultrasound
     generators (equal shares; new patients on random scanners, 8 slices per patient, labels dropped), the rest
-    natural textures. Their random streams never meet the downstream sets' (an entry of 10**6)."""
+    natural textures."""
     n_med = round(n * medical)
-    images = [_texture(np.random.default_rng([seed, i]), size) for i in range(n - n_med)]
+    images = upstream_textures(n - n_med, size, seed)
     for j in range(-(-n_med // 8)):
-        kind = MEDICAL_KINDS[j % len(MEDICAL_KINDS)]
-        images += _medical_slices(np.random.default_rng([seed, 10 ** 6, j]), kind, min(8, n_med - 8 * j))
+        images += upstream_patient(j, MEDICAL_KINDS[j % len(MEDICAL_KINDS)], min(8, n_med - 8 * j), seed)
     return resized(images, size)
 
 

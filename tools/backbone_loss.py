@@ -24,10 +24,9 @@ SEED, N = 777, 64   # another seed than any backbone's upstream images
 def images(kind, size):
     """N images of one kind in [0, 1], (N, 1, size, size)."""
     if kind == 'texture':
-        ims = [synthetic._texture(np.random.default_rng([SEED, i]), size) for i in range(N)]
+        ims = synthetic.upstream_textures(N, size, SEED)
     else:
-        ims = sum((synthetic._medical_slices(np.random.default_rng([SEED, 10 ** 6, j]), kind, 8)
-                   for j in range(N // 8)), [])
+        ims = sum((synthetic.upstream_patient(j, kind, 8, SEED) for j in range(N // 8)), [])
     return torch.tensor(np.stack(synthetic.resized(ims, size)) / 255.0, dtype=torch.float32)[:, None]
 
 
